@@ -1,0 +1,396 @@
+"""Recipes: TOML structured into frozen attrs classes by cattrs, unknown keys rejected.
+
+Problems are collected, not raised one by one: type errors and unknown keys from cattrs, range
+checks declared in field metadata (``bounded``), and strategy params structured into each
+strategy's own class once plugins have registered them. Every problem names its field path.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from cattrs.errors import ForbiddenExtraKeysError
+
+from kdframe.errors import RecipeError
+from kdframe.registry import StrategyRegistry
+from kdframe.types import Selected
+
+
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """An attrs field whose range is checked (with its path) after structuring."""
+    return attrs.field(default=default, metadata={"bounds": (gt, ge, le, lt)})
+
+
+@attrs.frozen
+class StrategyChoice:
+    """``{strategy = "emd", ...params}``: the params are structured once plugins are loaded."""
+
+    strategy: str
+    params: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class LossChoice:
+    """A loss term: ``hid = 0.01`` or ``pred = {weight = 1.0, temperature = 2.0}``."""
+
+    weight: float
+    params: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class Stage:
+    name: str = "distil"
+    epochs: int = bounded(1, ge=0)
+    max_steps: int = bounded(0, ge=0)  # > 0 stops the stage after this many steps
+    lr: float = bounded(3e-5, gt=0)
+    batch_size: int = bounded(32, gt=0)
+    eval_batch_size: int = bounded(64, gt=0)
+    schedule: Literal["constant", "linear"] = "constant"
+    warmup_ratio: float = bounded(0.0, ge=0, lt=1)
+    weight_decay: float = bounded(0.01, ge=0)
+    grad_clip: float = bounded(1.0, ge=0)  # 0 turns clipping off
+    eval_every: int = bounded(50, ge=0)  # steps; 0 evaluates at the end of each epoch only
+    select: Literal["best", "last"] = "best"
+    log_every: int = bounded(10, gt=0)  # train records and layer weights every N steps
+    checkpoint_every: int = bounded(50, ge=0)  # steps; 0 checkpoints only at evaluations
+    nonfinite: Literal["stop", "skip"] = "stop"
+    mapping: StrategyChoice | None = None
+    weighting: StrategyChoice | None = None
+    losses: dict[str, LossChoice] = attrs.Factory(lambda: {"hard": LossChoice(1.0)})
+
+
+@attrs.frozen
+class ModelSpec:
+    """Where a model comes from.
+
+    ``init = "pretrained"``: ``model`` is a directory, a hub id or ``package:NAME`` (an installed
+    model package). ``init = "config"``: random weights from ``config`` (BERT config keys).
+    ``init = "teacher-layers"`` (student only): the teacher with only ``layers`` (0-indexed
+    encoder layers) kept. ``tokenizer`` defaults to the model's (the teacher's for students);
+    ``builtin:chars`` is a tiny in-memory character tokenizer for tests.
+    """
+
+    init: Literal["pretrained", "config", "teacher-layers"] = "pretrained"
+    model: str = ""
+    tokenizer: str = ""
+    layers: list[int] = attrs.Factory(list)
+    config: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class TeacherSpec(ModelSpec):
+    """The teacher, fine-tuned on the task by ``train`` (omit ``train`` for a finished one)."""
+
+    train: Stage | None = None
+
+
+@attrs.frozen
+class DataSpec:
+    task: str = "mrpc"
+    glue_dir: str = ""  # a GLUE directory (TSV layout); empty loads nyu-mll/glue from the hub
+    max_length: int = bounded(128, gt=0, le=4096)
+    train_limit: int = bounded(0, ge=0)  # > 0 keeps the first N training examples
+    dev_limit: int = bounded(0, ge=0)
+    cache_dir: str = ""  # tokenisation/teacher cache; empty: ~/.cache/kdframe
+
+
+@attrs.frozen
+class Recipe:
+    data: DataSpec
+    teacher: TeacherSpec
+    student: ModelSpec
+    stages: list[Stage]
+    name: str = "run"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+# -- structuring ------------------------------------------------------------------------
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def structure_choice(value: Any, _: type) -> StrategyChoice:
+        if isinstance(value, str):
+            return StrategyChoice(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table with 'strategy' or a strategy name, got {value!r}")
+        params = dict(value)
+        name = params.pop("strategy", None)
+        if not isinstance(name, str):
+            raise ValueError("missing key 'strategy' (a string naming a registered strategy)")
+        return StrategyChoice(name, params)
+
+    def structure_loss(value: Any, _: type) -> LossChoice:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return LossChoice(float(value))
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a weight (number) or a table with 'weight', got {value!r}")
+        params = dict(value)
+        weight = params.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"'weight' must be a number, got {weight!r}")
+        return LossChoice(float(weight), params)
+
+    conv.register_structure_hook(StrategyChoice, structure_choice)
+    conv.register_structure_hook(LossChoice, structure_loss)
+    return conv
+
+
+converter = _converter()
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, ForbiddenExtraKeysError):
+        allowed = ", ".join(a.name for a in attrs.fields(exc.cl))
+        keys = ", ".join(repr(k) for k in sorted(exc.extra_fields))
+        return f"unknown key {keys}; allowed: {allowed}"
+    if isinstance(exc, KeyError):
+        return f"required key {exc.args[0]!r} is missing"
+    if typing.get_origin(type_) is Literal:
+        return "must be one of " + ", ".join(repr(v) for v in typing.get_args(type_))
+    if isinstance(exc, (TypeError, ValueError)) and type_ is not None and str(exc) and not str(exc).startswith("invalid literal"):
+        if "expected" in str(exc) or "missing" in str(exc) or "must" in str(exc):
+            return str(exc)
+    name = getattr(type_, "__name__", None) or str(type_).replace("typing.", "")
+    return f"expected {name}"
+
+
+def _path(raw_path: str) -> str:
+    path = raw_path.removeprefix("$").removeprefix(".")
+    return path or "(top level)"
+
+
+def structure(raw: Any, cls: type, root: str = "$") -> tuple[Any, list[str]]:
+    """Structure ``raw`` into ``cls``; return (object or None, problems)."""
+    try:
+        obj = converter.structure(raw, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:  # every problem found
+        messages = cattrs.transform_error(exc, path=root, format_exception=_format_exception)
+        problems = []
+        for message in messages:
+            text, _, where = message.rpartition(" @ ")
+            problems.append(f"{_path(where)}: {text}")
+        return None, problems
+    return obj, check_bounds(obj, root)
+
+
+def check_bounds(obj: Any, path: str = "$") -> list[str]:
+    """Range checks from ``bounded`` metadata, walking nested attrs objects, lists and dicts."""
+    problems: list[str] = []
+    if attrs.has(type(obj)):
+        for field in attrs.fields(type(obj)):
+            value = getattr(obj, field.name)
+            sub = f"{path}.{field.name}"
+            bounds = field.metadata.get("bounds")
+            if bounds is not None and isinstance(value, (int, float)):
+                gt, ge, le, lt = bounds
+                for limit, ok, word in ((gt, lambda v, b: v > b, ">"), (ge, lambda v, b: v >= b, ">="),
+                                        (le, lambda v, b: v <= b, "<="), (lt, lambda v, b: v < b, "<")):
+                    if limit is not None and not ok(value, limit):
+                        problems.append(f"{_path(sub)}: must be {word} {limit}, got {value}")
+            problems += check_bounds(value, sub)
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            problems += check_bounds(item, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            problems += check_bounds(item, f"{path}.{key}")
+    return problems
+
+
+# -- overrides ----------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)|\[(\d+)\]")
+
+
+def _parse_path(path: str) -> list[str | int]:
+    tokens: list[str | int] = []
+    pos = 0
+    for part in path.split("."):
+        if not part:
+            raise ValueError("empty path segment")
+        for match in _TOKEN.finditer(part):
+            pass
+        pos_in = 0
+        while pos_in < len(part):
+            match = _TOKEN.match(part, pos_in)
+            if not match:
+                raise ValueError(f"cannot parse {part!r}")
+            tokens.append(match.group(1) if match.group(1) else int(match.group(2)))
+            pos_in = match.end()
+    del pos
+    return tokens
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (``2e-5``, ``true``, ``[1, 2]``, ``"x"``); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``PATH=VALUE`` to the raw recipe; missing tables along the path are created."""
+    path, sep, value = assignment.partition("=")
+    if not sep:
+        raise RecipeError([f"--set {assignment!r}: expected PATH=VALUE"])
+    try:
+        tokens = _parse_path(path.strip())
+    except ValueError as exc:
+        raise RecipeError([f"--set {assignment!r}: bad path ({exc})"]) from None
+    node: Any = raw
+    walked = ""
+    for token, following in zip(tokens, tokens[1:] + [None]):
+        last = following is None
+        if isinstance(token, int):
+            if not isinstance(node, list) or token >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise RecipeError([f"--set {path}: {walked or '(top level)'} has {size} entries, no [{token}]"])
+            walked += f"[{token}]"
+        else:
+            if not isinstance(node, dict):
+                raise RecipeError([f"--set {path}: {walked} is not a table"])
+            walked += ("." if walked else "") + token
+        if last:
+            node[token] = parse_value(value.strip())
+        else:
+            if isinstance(token, str) and token not in node:
+                node[token] = [] if isinstance(following, int) else {}
+            node = node[token]
+
+
+# -- loading ------------------------------------------------------------------------------
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path.resolve()}"])
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path.resolve()}: not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"{path.resolve()}: not valid TOML: {exc}"]) from None
+    if not raw:
+        raise RecipeError([f"{path.resolve()}: the recipe is empty"])
+    return raw
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Make a recipe path absolute against the recipe's directory; leave hub ids alone."""
+    if not value or value.startswith(("package:", "builtin:")):
+        return value
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if candidate.exists() or value.startswith((".", "/", "~")):
+        return str(candidate.resolve())
+    return value
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    def model(spec: Any) -> Any:
+        return attrs.evolve(spec, model=_resolve_path(spec.model, base),
+                            tokenizer=_resolve_path(spec.tokenizer, base))
+
+    data = recipe.data
+    data = attrs.evolve(
+        data,
+        glue_dir=str((base / data.glue_dir).resolve()) if data.glue_dir else "",
+        cache_dir=str((base / data.cache_dir).resolve()) if data.cache_dir else "",
+    )
+    return attrs.evolve(recipe, data=data, teacher=model(recipe.teacher), student=model(recipe.student))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override and structure a recipe (strategy params stay raw; see ``resolve_stage``)."""
+    path = Path(path)
+    raw = read_toml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    recipe, problems = structure(raw, Recipe)
+    if problems:
+        raise RecipeError(problems, source=str(path.resolve()))
+    if not recipe.stages:
+        raise RecipeError(["stages: at least one [[stages]] table is required"], source=str(path.resolve()))
+    return _resolve_paths(recipe, path.resolve().parent), raw
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+@attrs.frozen
+class ResolvedStage:
+    stage: Stage
+    mapping: Selected | None
+    weighting: Selected | None
+    losses: dict[str, Selected]  # active terms only (weight != 0)
+
+    def needs(self, registry: StrategyRegistry) -> frozenset[str]:
+        """Features this stage reads from both models (logits always come)."""
+        chosen = [self.mapping, self.weighting, *self.losses.values()]
+        slots = ["mapping", "weighting", *["loss"] * len(self.losses)]
+        return frozenset().union(*(registry.get(slot, sel.name).needs for slot, sel in zip(slots, chosen) if sel))
+
+    def needs_teacher(self, registry: StrategyRegistry) -> bool:
+        return any(not registry.get("loss", name).student_only for name in self.losses)
+
+
+def resolve_stage(stage: Stage, registry: StrategyRegistry, path: str) -> tuple[ResolvedStage | None, list[str]]:
+    problems: list[str] = []
+
+    def choose(slot: str, choice: Any, sub: str, weight: float = 1.0) -> Selected | None:
+        try:
+            strategy = registry.get(slot, choice.strategy if isinstance(choice, StrategyChoice) else choice, sub)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            return None
+        raw = choice.params if isinstance(choice, (StrategyChoice, LossChoice)) else {}
+        params, found = structure(raw, strategy.params, root="$." + sub.replace("$.", ""))
+        problems.extend(found)
+        return Selected(strategy.name, params, weight) if params is not None else None
+
+    mapping = choose("mapping", stage.mapping, f"{path}.mapping") if stage.mapping else None
+    weighting = choose("weighting", stage.weighting, f"{path}.weighting") if stage.weighting else None
+    losses: dict[str, Selected] = {}
+    for name, loss in stage.losses.items():
+        selected = choose("loss", StrategyChoice(name, loss.params), f"{path}.losses.{name}", loss.weight)
+        if selected is not None and loss.weight != 0:
+            losses[name] = selected
+    if not stage.losses or (not losses and not problems):
+        problems.append(f"{path}.losses: no loss term has a non-zero weight; known terms: {', '.join(registry.names('loss'))}")
+    if weighting and not mapping:
+        problems.append(f"{path}.weighting: a weighting needs a mapping; set {path}.mapping")
+    return ResolvedStage(stage, mapping, weighting, losses), problems
+
+
+def resolve_recipe(recipe: Recipe, registry: StrategyRegistry) -> tuple[list[ResolvedStage], list[str]]:
+    """Structure every strategy's params; return the stages and all problems found."""
+    problems: list[str] = []
+    stages: list[ResolvedStage] = []
+    if recipe.teacher.train is not None:
+        resolved, found = resolve_stage(recipe.teacher.train, registry, "teacher.train")
+        problems += found
+        if resolved and any(not registry.get("loss", n).student_only for n in resolved.losses):
+            problems.append("teacher.train.losses: the teacher is trained on labels only (e.g. hard = 1.0)")
+    for i, stage in enumerate(recipe.stages):
+        resolved, found = resolve_stage(stage, registry, f"stages[{i}]")
+        problems += found
+        stages.append(resolved)
+    return stages, problems
+
+
+def to_plain(obj: Any) -> Any:
+    """Unstructure a recipe (or part) to plain TOML-able data."""
+    return converter.unstructure(obj)

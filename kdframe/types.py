@@ -1,0 +1,113 @@
+"""Data passed between the engine and plugins through hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+#: Feature names a strategy may declare in ``needs``.
+FEATURES = ("logits", "hidden", "attn")
+
+
+@attrs.define
+class Features:
+    """What one forward pass of a model exposes to distillation strategies.
+
+    ``hidden`` has one entry per layer plus the embedding output at index 0, each (B, L, d).
+    ``attn`` has one entry per layer, each the pre-softmax scores (B, heads, L, L) with every
+    masked (padded) key entry set to 0. Features a recipe does not need are ``None``.
+    """
+
+    logits: torch.Tensor | None
+    mask: torch.Tensor
+    hidden: tuple[torch.Tensor, ...] | None = None
+    attn: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        if self.hidden is not None:
+            return len(self.hidden) - 1
+        if self.attn is not None:
+            return len(self.attn)
+        raise ValueError("no layer features captured")
+
+
+@attrs.frozen
+class TaskInfo:
+    """A task a data plugin knows: label set, metrics, and which metric picks the best model."""
+
+    name: str
+    num_labels: int  # 1 for regression
+    metrics: tuple[str, ...]
+    main_metric: str
+    text_columns: tuple[str, ...] = ("sentence",)
+    labels: tuple[str, ...] = ()  # label values as they appear in the data, in id order
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+@attrs.define
+class TokenizedSplit:
+    """A tokenised split: parallel lists, one entry per example, unpadded."""
+
+    task: TaskInfo
+    split: str
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: list[float] | list[int]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@attrs.define
+class LoadedModel:
+    """A model with its tokenizer and a one-line description of where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    description: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+
+
+@attrs.frozen
+class Selected:
+    """A strategy chosen by a recipe: its registered name and its structured params."""
+
+    name: str
+    params: Any
+    weight: float = 1.0  # loss terms only
+
+
+@attrs.define
+class StageContext:
+    """Everything a strategy hook may read about the stage being trained.
+
+    ``mapping`` and ``weighting`` are the recipe's choices (or None), ``losses`` maps each active
+    loss term (non-zero weight) to its choice. ``state`` is scratch space plugins may use during
+    the stage; what must survive a resume goes through the state_dict hooks.
+    """
+
+    run_dir: Any
+    stage_index: int
+    stage: Any
+    task: TaskInfo
+    student_layers: int
+    teacher_layers: int
+    mapping: Selected | None
+    weighting: Selected | None
+    losses: dict[str, Selected]
+    device: torch.device
+    step: int = 0
+    state: dict[str, Any] = attrs.Factory(dict)
+
+    def active(self, term: str) -> bool:
+        return term in self.losses

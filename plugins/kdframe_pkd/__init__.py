@@ -1,0 +1,1 @@
+"""kdframe bundled plugin (stub, filled in by its issue)."""
