@@ -89,6 +89,7 @@ class TeacherSpec(ModelSpec):
     """The teacher, fine-tuned on the task by ``train`` (omit ``train`` for a finished one)."""
 
     train: Stage | None = None
+    seed: int = 42  # the teacher's own seed, so student seeds share one fine-tuned teacher
 
 
 @attrs.frozen
@@ -142,6 +143,9 @@ def _converter() -> cattrs.Converter:
 
     conv.register_structure_hook(StrategyChoice, structure_choice)
     conv.register_structure_hook(LossChoice, structure_loss)
+    # Unstructure back to the flat table form a recipe is written in.
+    conv.register_unstructure_hook(StrategyChoice, lambda c: {"strategy": c.strategy, **c.params})
+    conv.register_unstructure_hook(LossChoice, lambda c: {"weight": c.weight, **c.params})
     return conv
 
 
@@ -214,12 +218,9 @@ _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_\-]*)|\[(\d+)\]")
 
 def _parse_path(path: str) -> list[str | int]:
     tokens: list[str | int] = []
-    pos = 0
     for part in path.split("."):
         if not part:
             raise ValueError("empty path segment")
-        for match in _TOKEN.finditer(part):
-            pass
         pos_in = 0
         while pos_in < len(part):
             match = _TOKEN.match(part, pos_in)
@@ -227,7 +228,6 @@ def _parse_path(path: str) -> list[str | int]:
                 raise ValueError(f"cannot parse {part!r}")
             tokens.append(match.group(1) if match.group(1) else int(match.group(2)))
             pos_in = match.end()
-    del pos
     return tokens
 
 
@@ -314,10 +314,32 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return attrs.evolve(recipe, data=data, teacher=model(recipe.teacher), student=model(recipe.student))
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; any other value (lists included) in ``top`` replaces the base's."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``extends = "base.toml"`` (relative to the recipe) layers a recipe on another one."""
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError([f"extends: {path} extends itself (through {', '.join(map(str, seen))})"])
+    raw = read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise RecipeError([f"extends: expected a path (string) in {path}, got {parent!r}"])
+    return _merge(read_with_extends(path.parent / parent, (*seen, path)), raw)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
     """Read, override and structure a recipe (strategy params stay raw; see ``resolve_stage``)."""
     path = Path(path)
-    raw = read_toml(path)
+    raw = read_with_extends(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     recipe, problems = structure(raw, Recipe)

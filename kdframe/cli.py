@@ -1,0 +1,217 @@
+"""The ``kdframe`` command. Exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Any, Callable
+
+from kdframe.errors import KdframeError, RunFailed
+
+
+def _common(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
+    if overrides:
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                            help="override a recipe field, e.g. stages[0].lr=2e-5 (value is a TOML literal)")
+    parser.add_argument("-p", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="load a plugin module; -p no:NAME blocks an installed plugin")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdframe", description="Knowledge distillation for BERT-family models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train as a recipe says")
+    run.add_argument("recipe")
+    run.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    run.add_argument("--progress", choices=["rich", "plain", "off", "auto"], default="auto")
+    _common(run)
+
+    validate = sub.add_parser("validate", help="check a recipe and print the resolved recipe and plan")
+    validate.add_argument("recipe")
+    _common(validate)
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and their strategies")
+    _common(plugins, overrides=False)
+
+    export = sub.add_parser("export", help="write a run's student as a plain transformers model")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    _common(export, overrides=False)
+
+    ablate = sub.add_parser("ablate", help="run a grid of recipe variants x tasks x seeds and report")
+    ablate.add_argument("grid")
+    ablate.add_argument("--out", help="ablation directory (default runs/ablation-<name>)")
+    ablate.add_argument("--resume", action="store_true", help="continue an interrupted ablation in --out")
+    ablate.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    ablate.add_argument("--progress", choices=["rich", "plain", "off", "auto"], default="auto")
+    _common(ablate, overrides=False)
+
+    report = sub.add_parser("report", help="tables and plots for a run or ablation directory")
+    report.add_argument("dir")
+    _common(report, overrides=False)
+
+    new_plugin = sub.add_parser("new-plugin", help="scaffold a third-party plugin package")
+    new_plugin.add_argument("name")
+    new_plugin.add_argument("--out", default=".", help="parent directory of the new package")
+    _common(new_plugin, overrides=False)
+
+    if plugin_hook is not None:
+        for command in (run, validate):
+            plugin_hook(command)
+    return parser
+
+
+def _preparse_plugins(argv: list[str]) -> list[str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-p", dest="plugins", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    return known.plugins
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        from kdframe.plugins import load_plugins
+
+        host = load_plugins(_preparse_plugins(argv))
+        args = build_parser(lambda p: host.call("kdframe_add_cli_options", parser=p)).parse_args(argv)
+        return COMMANDS[args.command](args)
+    except SystemExit as exc:  # argparse: usage errors exit 2 already
+        return int(exc.code or 0)
+    except KdframeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"kdframe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunFailed as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"kdframe: run failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kdframe: aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from kdframe.engine import Interrupted
+
+        if isinstance(exc, Interrupted):
+            print(f"kdframe: {exc}", file=sys.stderr)
+            return Interrupted.exit_code
+        traceback.print_exc()
+        print(f"kdframe: run failed with an unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdframe.engine import start_run
+
+    summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress)
+    from rich.console import Console
+
+    student = summary["student"]
+    metric = summary["main_metric"]
+    line = f"student dev {metric}: best {student['best'][metric]:.4f} (step {student['best_step']}), final {student['final'][metric]:.4f}"
+    if "teacher" in summary:
+        line += f"; teacher {summary['teacher']['dev'][metric]:.4f}"
+    Console(stderr=True).print(line)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdframe.engine import plan, prepare
+
+    session = prepare(args.recipe, args.overrides, args.plugins)
+    stages = plan(session)
+    console = Console()
+    console.print("[bold]Resolved recipe[/bold]")
+    console.print(session.resolved_toml(), markup=False, highlight=False)
+    console.print("[bold]Plan[/bold]")
+    console.print(f"task {session.task.name}: {len(session.train)} train / {len(session.dev)} dev examples,"
+                  f" metric {session.task.main_metric}")
+    if session.needs_teacher:
+        t = session.teacher
+        console.print(f"teacher: {t.description} ({t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads)")
+    st = session.student
+    console.print(f"student: {st.description} ({st.num_layers} layers, hidden {st.hidden_size}, {st.num_heads} heads)")
+    for entry in stages:
+        losses = ", ".join(f"{k}={v:g}" for k, v in entry["losses"].items())
+        console.print(f"stage {entry['stage']!r}: mapping {entry['mapping']}, weighting {entry['weighting']},"
+                      f" losses {losses}; features {', '.join(entry['needs']) or 'logits only'}")
+        for kind, flow in entry["flows"].items():
+            table = Table(title=f"initial {kind} flow (student layer x teacher layer), first dev batch")
+            table.add_column("S\\T")
+            for j in range(len(flow[0])):
+                table.add_column(str(j + 1), justify="right")
+            for i, row in enumerate(flow):
+                table.add_row(str(i + 1), *[f"{v:.3f}" if v else "." for v in row])
+            console.print(table)
+    console.print("[green]recipe is valid[/green]")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdframe.plugins import load_plugins
+
+    host = load_plugins(args.plugins)
+    table = Table(title="kdframe plugins")
+    for column in ("name", "version", "source", "hooks", "strategies"):
+        table.add_column(column)
+    for info in host.infos:
+        strategies = ", ".join(f"{s.slot}:{s.name}" for s in host.registry.by_plugin(info.name))
+        table.add_row(info.name, info.version, info.source, ", ".join(host.hooks_of(info.name)), strategies)
+    Console(width=200).print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdframe.engine import export
+
+    print(export(args.run_dir, args.out_dir, args.plugins))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from kdframe.ablate import run_ablation
+
+    return run_ablation(args.grid, args.out, args.resume, args.jobs, args.progress, args.plugins)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdframe.report import write_report
+
+    for path in write_report(args.dir):
+        print(path)
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from kdframe.scaffold import new_plugin
+
+    print(new_plugin(args.name, args.out))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "export": cmd_export,
+    "ablate": cmd_ablate,
+    "report": cmd_report,
+    "new-plugin": cmd_new_plugin,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

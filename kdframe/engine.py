@@ -1,0 +1,563 @@
+"""The training engine: a plain loop over stages and steps that reaches every method through hooks.
+
+Read top to bottom: ``prepare`` loads and validates everything (recipe, strategies, task, models,
+data) before any training; ``Trainer.run`` fine-tunes the teacher if needed, then runs each
+distillation stage; ``Trainer.train_stage`` is the step loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import attrs
+import torch
+
+from kdframe import checkpoint
+from kdframe.errors import KdframeError, PluginError, RecipeError, RunFailed
+from kdframe.plugins import PluginHost, load_plugins
+from kdframe.progress import Progress
+from kdframe.recipe import Recipe, ResolvedStage, load_recipe, resolve_recipe, resolve_stage, to_plain
+from kdframe.rundir import RunDir, recipe_toml
+from kdframe.types import Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
+
+TEACHER = "teacher"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written; the message says how to resume."""
+
+    exit_code = 130
+
+
+@attrs.define
+class Session:
+    """A recipe with everything it needs loaded and checked."""
+
+    recipe: Recipe
+    recipe_path: Path
+    host: PluginHost
+    stages: list[ResolvedStage]
+    teacher_stage: ResolvedStage | None
+    task: TaskInfo
+    teacher: LoadedModel | None = None
+    student: LoadedModel | None = None
+    train: TokenizedSplit | None = None
+    dev: TokenizedSplit | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(stage.needs_teacher(self.host.registry) for stage in self.stages)
+
+    def resolved_toml(self) -> str:
+        return recipe_toml(to_plain(self.recipe))
+
+
+def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: list[str] = (),
+            load_data: bool = True) -> Session:
+    """Load plugins, the recipe, models and data; every problem is bad input (exit 2)."""
+    host = load_plugins(plugin_args)
+    recipe, _ = load_recipe(recipe_path, list(overrides))
+    stages, problems = resolve_recipe(recipe, host.registry)
+    teacher_stage = None
+    if recipe.teacher.train is not None:
+        teacher_stage, _ = resolve_stage(recipe.teacher.train, host.registry, "teacher.train")
+    names = [stage.name for stage in recipe.stages]
+    for i, name in enumerate(names):
+        if name == TEACHER or names.index(name) != i:
+            problems.append(f"stages[{i}].name: {name!r} is {'reserved' if name == TEACHER else 'used twice'}; give each stage its own name")
+    for found in host.call("kdframe_validate_recipe", recipe=recipe, registry=host.registry):
+        problems.extend(found or [])
+    task = host.pm.hook.kdframe_task_info(name=recipe.data.task)
+    if task is None:
+        known = sorted(n for names in host.call("kdframe_task_names") for n in names)
+        problems.append(f"data.task: unknown task {recipe.data.task!r}; known: {', '.join(known) or '(no data plugin loaded)'}")
+    if recipe.precision == "fp16" and not torch.cuda.is_available():
+        problems.append("precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        problems.append("device: 'cuda' asked for, but no CUDA device is available")
+    if problems:
+        raise RecipeError(problems, source=str(Path(recipe_path).resolve()))
+
+    session = Session(recipe, Path(recipe_path).resolve(), host, stages, teacher_stage, task)
+    checkpoint.seed_everything(recipe.seed)  # random-init models must not depend on what ran before
+    base_dir = str(session.recipe_path.parent)
+    session.teacher = host.first("kdframe_load_model", f"a loader for teacher init {recipe.teacher.init!r}",
+                                 role="teacher", spec=recipe.teacher, task=task, teacher=None, base_dir=base_dir)
+    session.student = host.first("kdframe_load_model", f"a loader for student init {recipe.student.init!r}",
+                                 role="student", spec=recipe.student, task=task, teacher=session.teacher,
+                                 base_dir=base_dir)
+    if load_data:
+        for split in ("train", "dev"):
+            loaded = host.first("kdframe_load_data", f"data for task {task.name!r}", data=recipe.data, task=task,
+                                split=split, tokenizer=session.student.tokenizer, cache_dir=recipe.data.cache_dir or None)
+            setattr(session, split, loaded)
+    return session
+
+
+# -- small pieces of the loop -----------------------------------------------------------------
+
+def collate(split: TokenizedSplit, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest example (dynamic padding)."""
+    length = max(len(split.input_ids[i]) for i in indices)
+    ids = torch.zeros(len(indices), length, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(indices):
+        n = len(split.input_ids[i])
+        ids[row, :n] = torch.tensor(split.input_ids[i])
+        types[row, :n] = torch.tensor(split.token_type_ids[i])
+        mask[row, :n] = 1
+    dtype = torch.float32 if split.task.is_regression else torch.long
+    labels = torch.tensor([split.labels[i] for i in indices], dtype=dtype)
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def extract_features(host: PluginHost, role: str, loaded: LoadedModel, batch: dict[str, torch.Tensor],
+                     needs: frozenset[str]) -> Features:
+    return host.first("kdframe_extract_features", f"feature extraction for {loaded.description}",
+                      role=role, model=loaded.model, batch=batch, needs=needs)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def schedule(kind: str, warmup_ratio: float, total: int):
+    warmup = int(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        return 1.0
+
+    return factor
+
+
+def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (BERT practice)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def uniform_weights(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((m,), 1.0 / m, device=device), torch.full((n,), 1.0 / n, device=device)
+
+
+def teacher_cache_key(recipe: Recipe) -> str:
+    """A fine-tuned teacher depends on its spec, its training stage, the data and precision."""
+    plain = to_plain(recipe)
+    data = dict(plain["data"], cache_dir="")
+    key = json.dumps({"teacher": plain["teacher"], "data": data, "precision": recipe.precision}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def cache_root(recipe: Recipe) -> Path:
+    import os
+
+    if recipe.data.cache_dir:
+        return Path(recipe.data.cache_dir)
+    return Path(os.environ.get("KDFRAME_CACHE", Path.home() / ".cache" / "kdframe"))
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, session: Session, run_dir: RunDir, progress: Progress):
+        from accelerate import Accelerator
+
+        recipe = session.recipe
+        self.session = session
+        self.host = session.host
+        self.run_dir = run_dir
+        self.progress = progress
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
+        self.accelerator = Accelerator(cpu=recipe.device == "cpu", mixed_precision=mixed)
+        self.device = self.accelerator.device
+        self.stop_requested = False
+
+    # Ctrl-C sets a flag; the loop finishes its step, checkpoints and stops cleanly.
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.progress.message("interrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)")
+
+    def run(self, resume: bool) -> dict[str, Any]:
+        s = self.session
+        started = time.monotonic()
+        checkpoint.seed_everything(s.recipe.seed)
+        state = checkpoint.load(self.run_dir.checkpoint) if resume and self.run_dir.checkpoint.exists() else None
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self.host.call("kdframe_run_start", run=self)
+            summary: dict[str, Any] = {"task": s.task.name, "seed": s.recipe.seed, "stages": {}}
+            if s.needs_teacher:
+                summary["teacher"] = self.prepare_teacher(state)
+            if state is not None and state.get("stage") != TEACHER:
+                s.student.model.load_state_dict(state["model"])
+            for index, resolved in enumerate(s.stages):
+                key = resolved.stage.name
+                if state is not None and state.get("stage_index", -1) > index:
+                    continue  # finished before the interruption; its result is in the loaded model
+                resume_state = state if state is not None and state.get("stage") == key else None
+                summary["stages"][key] = self.train_stage(index, s.student, s.teacher if s.needs_teacher else None,
+                                                          resolved, resume_state)
+            last = summary["stages"][s.stages[-1].stage.name]
+            summary["student"] = {
+                "description": s.student.description,
+                "params": count_parameters(s.student.model),
+                "best": last["best"],
+                "best_step": last["best_step"],
+                "final": last["final"],
+                "selected": last["selected"],
+            }
+            summary["main_metric"] = s.task.main_metric
+            summary["wall_time_s"] = round(time.monotonic() - started, 2)
+            checkpoint.save_atomic(s.student.model.state_dict(), self.run_dir.path / "student.pt")
+            self.run_dir.write_json("summary.json", summary)
+            self.host.call("kdframe_run_end", run=self, summary=summary)
+            return summary
+        except BaseException as exc:
+            self.host.call("kdframe_on_exception", run=self, exc=exc)
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.progress.stop()
+
+    # -- teacher ------------------------------------------------------------------------------
+    def prepare_teacher(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        """Fine-tune the teacher (or take it from this run or the shared cache); evaluate it."""
+        s = self.session
+        teacher = s.teacher
+        cached = cache_root(s.recipe) / "teachers" / f"{teacher_cache_key(s.recipe)}.pt"
+        if self.run_dir.teacher.exists():
+            teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
+            source = "this run"
+        elif s.teacher_stage is not None and cached.exists():
+            teacher.model.load_state_dict(checkpoint.load(cached))
+            source = f"cache {cached}"
+        elif s.teacher_stage is not None:
+            resume_state = state if state is not None and state.get("stage") == TEACHER else None
+            generator_state = torch.get_rng_state()
+            torch.manual_seed(s.recipe.teacher.seed)
+            self.train_stage(-1, teacher, None, s.teacher_stage, resume_state)
+            torch.set_rng_state(generator_state)
+            checkpoint.save_atomic(teacher.model.state_dict(), cached)
+            source = "fine-tuned in this run"
+        else:
+            source = "as loaded"
+        if not self.run_dir.teacher.exists():
+            checkpoint.save_atomic(teacher.model.state_dict(), self.run_dir.teacher)
+        teacher.model.to(self.device).eval()
+        metrics = self.evaluate(teacher)
+        self.run_dir.append_jsonl("metrics.jsonl", {"stage": TEACHER, "split": "dev", "step": -1, "kind": "teacher", **metrics})
+        self.progress.message(f"teacher ({source}): {self.format_metrics(metrics)}")
+        return {"description": teacher.description, "params": count_parameters(teacher.model), "dev": metrics,
+                "source": source}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loaded: LoadedModel) -> dict[str, float]:
+        s = self.session
+        was_training = loaded.model.training
+        loaded.model.eval()
+        predictions = []
+        size = (s.stages[0].stage.eval_batch_size if s.stages else 64)
+        for start in range(0, len(s.dev), size):
+            batch = collate(s.dev, list(range(start, min(start + size, len(s.dev)))), self.device)
+            with self.accelerator.autocast():
+                logits = self.features("student", loaded, batch, frozenset()).logits.float()
+            predictions.append(logits if s.task.is_regression else logits.argmax(-1))
+        loaded.model.train(was_training)
+        preds = torch.cat(predictions).cpu().numpy()
+        labels = torch.tensor(s.dev.labels).numpy()
+        metrics = self.host.first("kdframe_compute_metrics", f"metrics for task {s.task.name!r}",
+                                  task=s.task, predictions=preds, labels=labels)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+    def features(self, role: str, loaded: LoadedModel, batch: dict[str, torch.Tensor], needs: frozenset[str]) -> Features:
+        return extract_features(self.host, role, loaded, batch, needs)
+
+    # -- one stage ----------------------------------------------------------------------------
+    def train_stage(self, index: int, student: LoadedModel, teacher: LoadedModel | None,
+                    resolved: ResolvedStage, resume_state: dict[str, Any] | None) -> dict[str, Any]:
+        s = self.session
+        stage = resolved.stage
+        key = TEACHER if index < 0 else stage.name
+        registry = self.host.registry
+        needs = resolved.needs(registry) if teacher is not None else frozenset()
+        ctx = StageContext(
+            run_dir=self.run_dir.path, stage_index=index, stage=stage, task=s.task,
+            student_layers=student.num_layers, teacher_layers=teacher.num_layers if teacher else 0,
+            mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=self.device,
+        )
+        model = student.model.to(self.device)
+        if teacher is not None:
+            teacher.model.to(self.device).eval()
+        extra = self.host.merged("kdframe_extra_parameters", ctx=ctx)
+        for module in extra.values():
+            module.to(self.device)
+        optimizer = torch.optim.AdamW(param_groups([model, *extra.values()], stage.weight_decay), lr=stage.lr)
+        steps_per_epoch = math.ceil(len(s.train) / stage.batch_size)
+        total = stage.max_steps if stage.max_steps else stage.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage.schedule, stage.warmup_ratio, total))
+        self.host.call("kdframe_stage_start", ctx=ctx)
+
+        pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": 0, "skipped": 0, "last_eval": None}
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if resume_state is not None and "optimizer" in resume_state:
+            model.load_state_dict(resume_state["model"])
+            for name, module in extra.items():
+                module.load_state_dict(resume_state["extra"][name])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            weights = {k: (v[0].to(self.device), v[1].to(self.device)) for k, v in resume_state["weights"].items()}
+            pos.update(resume_state["position"])
+            self.host.call("kdframe_load_state_dict", ctx=ctx, state=resume_state["plugins"])
+            checkpoint.set_rng_state(resume_state["rng"])
+            self.run_dir.truncate_logs_after(key, pos["step"])
+            self.progress.message(f"[{key}] resuming at step {pos['step']}/{total}")
+
+        def save_checkpoint() -> None:
+            plugin_state: dict[str, Any] = {}
+            for part in self.host.call("kdframe_state_dict", ctx=ctx):
+                plugin_state.update(part or {})
+            checkpoint.save_atomic({
+                "stage": key, "stage_index": index, "model": model.state_dict(),
+                "extra": {name: module.state_dict() for name, module in extra.items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "weights": {k: [w[0].cpu(), w[1].cpu()] for k, w in weights.items()},
+                "position": dict(pos), "plugins": plugin_state, "rng": checkpoint.rng_state(),
+            }, self.run_dir.checkpoint)
+
+        def run_eval() -> None:
+            metrics = self.evaluate(student)
+            value = metrics[s.task.main_metric]
+            self.run_dir.append_jsonl("metrics.jsonl", {"stage": key, "split": "dev", "step": pos["step"], **metrics})
+            self.host.call("kdframe_eval_end", ctx=ctx, metrics=metrics)
+            pos["last_eval"] = metrics
+            if pos["best"] is None or value > pos["best"][s.task.main_metric]:
+                pos["best"], pos["best_step"] = metrics, pos["step"]
+                checkpoint.save_atomic(model.state_dict(), self.run_dir.best(key))
+
+        label = f"{key} ({student.description.split(':')[0]})" if index < 0 else key
+        self.progress.start(label, total, pos["step"])
+        started = time.monotonic()
+        first_step = pos["step"]
+        while pos["step"] < total:
+            order = torch.randperm(len(s.train), generator=torch.Generator().manual_seed(
+                s.recipe.seed * 100_003 + (index + 1) * 1_009 + pos["epoch"])).tolist()
+            for b in range(pos["batch"], steps_per_epoch):
+                if pos["step"] >= total:
+                    break
+                batch = collate(s.train, order[b * stage.batch_size:(b + 1) * stage.batch_size], self.device)
+                record = self.train_step(ctx, student, teacher, resolved, needs, batch, weights, optimizer, scheduler,
+                                         [model, *extra.values()], pos)
+                pos["step"] += 1
+                pos["batch"] = b + 1
+                step = pos["step"]
+                ctx.step = step
+                if step % stage.log_every == 0 or step == total:
+                    self.run_dir.append_jsonl("metrics.jsonl", {"stage": key, "step": step, **record})
+                    self.log_layer_weights(key, step, record.pop("_flows"), record.pop("_weights"))
+                record.pop("_flows", None), record.pop("_weights", None)
+                self.host.call("kdframe_step_end", ctx=ctx, record=record)
+                evaluated = stage.eval_every and step % stage.eval_every == 0
+                if evaluated:
+                    run_eval()
+                last = pos["step"] >= total
+                end_of_epoch = pos["batch"] == steps_per_epoch
+                if not evaluated and (last or (stage.eval_every == 0 and end_of_epoch)):
+                    run_eval()
+                    evaluated = True
+                if end_of_epoch:
+                    pos["epoch"] += 1
+                    pos["batch"] = 0
+                if evaluated or (stage.checkpoint_every and step % stage.checkpoint_every == 0) or self.stop_requested:
+                    save_checkpoint()
+                info = f"loss {record['loss']:.4f}"
+                if pos["last_eval"]:
+                    info += f" dev {s.task.main_metric} {pos['last_eval'][s.task.main_metric]:.4f}"
+                self.progress.update(step, info, stage.log_every)
+                if self.stop_requested:
+                    raise Interrupted(f"interrupted at {key} step {step}; checkpoint written. Resume with:"
+                                      f" kdframe run {s.recipe_path} --resume {self.run_dir.path}")
+                if end_of_epoch:
+                    break
+        self.progress.stop()
+        wall = time.monotonic() - started
+        final = pos["last_eval"] or self.evaluate(student)
+        selected = "last"
+        if stage.select == "best" and pos["best"] is not None and self.run_dir.best(key).exists():
+            model.load_state_dict(checkpoint.load(self.run_dir.best(key)))
+            selected = f"best (step {pos['best_step']})"
+        self.host.call("kdframe_stage_end", ctx=ctx)
+        if index >= 0:
+            # The next stage starts from this model with fresh optimizer state.
+            checkpoint.save_atomic({"stage": None, "stage_index": index + 1, "model": model.state_dict()},
+                                   self.run_dir.checkpoint)
+        steps = pos["step"] - first_step
+        self.progress.message(f"[{key}] done: {self.format_metrics(final)} ({selected}); {steps} steps in {wall:.1f}s")
+        return {"steps": pos["step"], "wall_time_s": round(wall, 2), "steps_per_s": round(steps / wall, 3) if wall else None,
+                "best": pos["best"], "best_step": pos["best_step"], "final": final, "selected": selected,
+                "skipped_steps": pos["skipped"]}
+
+    def train_step(self, ctx: StageContext, student: LoadedModel, teacher: LoadedModel | None,
+                   resolved: ResolvedStage, needs: frozenset[str], batch: dict[str, torch.Tensor],
+                   weights: dict[str, tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                   scheduler: Any, modules: list[torch.nn.Module], pos: dict[str, Any]) -> dict[str, Any]:
+        student.model.train()
+        with self.accelerator.autocast():
+            teacher_features = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_features = self.features("teacher", teacher, batch, needs)
+            student_features = self.features("student", student, batch, needs)
+            costs = self.host.merged("kdframe_layer_costs", student=student_features, teacher=teacher_features,
+                                     ctx=ctx) if teacher is not None else {}
+            flows = {}
+            used = {}
+            for kind, cost in costs.items():
+                used[kind] = weights.setdefault(kind, uniform_weights(cost.shape[0], cost.shape[1], cost.device))
+                flows[kind] = self.host.first("kdframe_layer_mapping", f"mapping {ctx.mapping.name if ctx.mapping else '(none)'!r} for cost {kind!r}",
+                                              kind=kind, cost=cost, weights=used[kind], ctx=ctx)
+                if flows[kind].shape != cost.shape:
+                    raise PluginError(f"mapping {ctx.mapping.name!r} returned a flow of shape {tuple(flows[kind].shape)}"
+                                      f" for cost {kind!r} of shape {tuple(cost.shape)}")
+            if ctx.weighting is not None and costs:
+                weights.update(self.host.first("kdframe_update_layer_weights", f"weighting {ctx.weighting.name!r}",
+                                               flows=flows, costs=costs, weights=used, ctx=ctx))
+            terms = self.host.merged("kdframe_loss_terms", student=student_features, teacher=teacher_features,
+                                     costs=costs, flows=flows, batch=batch, ctx=ctx)
+        missing = sorted(set(resolved.losses) - set(terms))
+        if missing:
+            raise PluginError(f"no plugin computed the loss term(s) {', '.join(missing)}")
+        loss = sum(resolved.losses[name].weight * terms[name].float() for name in resolved.losses)
+        bad = [f"loss term {name!r} = {terms[name].item()}" for name in resolved.losses if not torch.isfinite(terms[name]).all()]
+        bad += [f"layer weights of {kind!r}" for kind, (ws, wt) in weights.items()
+                if not (torch.isfinite(ws).all() and torch.isfinite(wt).all())]
+        step = pos["step"] + 1
+        if bad:
+            if ctx.stage.nonfinite == "stop":
+                raise RunFailed(f"stage {ctx.stage.name!r} step {step}: non-finite {', '.join(bad)}; the last good"
+                                f" checkpoint is {self.run_dir.checkpoint} (set nonfinite = \"skip\" to skip such steps)")
+            weights.update(used)  # discard a non-finite weight update with the step
+            optimizer.zero_grad(set_to_none=True)
+            pos["skipped"] += 1
+            return {"loss": float("nan"), "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows, "_weights": used}
+        self.accelerator.backward(loss)
+        if ctx.stage.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        record.update({name: terms[name].item() for name in resolved.losses})
+        record["_flows"], record["_weights"] = flows, used
+        return record
+
+    def log_layer_weights(self, key: str, step: int, flows: dict[str, torch.Tensor],
+                          weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for kind, flow in flows.items():
+            ws, wt = weights[kind]
+            self.run_dir.append_jsonl("layer_weights.jsonl", {
+                "stage": key, "step": step, "kind": kind, "student": ws.float().cpu().tolist(),
+                "teacher": wt.float().cpu().tolist(), "flow": flow.detach().float().cpu().tolist()})
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], out: str | None,
+              resume: str | None, progress: str) -> dict[str, Any]:
+    session = prepare(recipe_path, overrides, plugin_args)
+    text = session.resolved_toml()
+    if resume:
+        run_dir = RunDir.open_for_resume(Path(resume), text)
+    else:
+        default = Path("runs") / f"{session.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = RunDir.create(Path(out) if out else default, text)
+    trainer = Trainer(session, run_dir, Progress(progress))
+    run_dir.write_env(session.recipe.seed, str(trainer.device),
+                      [attrs.asdict(info) for info in session.host.infos])
+    trainer.progress.message(f"run directory: {run_dir.path.resolve()}")
+    return trainer.run(resume=bool(resume))
+
+
+def export(run_path: str, out_dir: str, plugin_args: list[str] = ()) -> str:
+    run_dir = Path(run_path)
+    recipe_file = run_dir / "recipe.resolved.toml"
+    weights = run_dir / "student.pt"
+    if not recipe_file.exists() or not weights.exists():
+        raise KdframeError(f"{run_dir} holds no finished run (needs recipe.resolved.toml and student.pt)")
+    session = prepare(recipe_file, [], plugin_args, load_data=False)
+    session.student.model.load_state_dict(checkpoint.load(weights))
+    return session.host.first("kdframe_export_model", "model export", loaded=session.student, out_dir=out_dir)
+
+
+def plan(session: Session, examples: int = 4) -> list[dict[str, Any]]:
+    """Dry-run the first step of every stage on a few dev examples, without training.
+
+    This catches what only shows once models are loaded (layer counts a mapping cannot handle,
+    head counts that cannot be compared, a plugin returning a wrong shape) before any training,
+    and gives ``kdframe validate`` the initial mapping to print.
+    """
+    s = session
+    device = torch.device("cpu")
+    rng = torch.get_rng_state()
+    batch = collate(s.dev, list(range(min(examples, len(s.dev)))), device)
+    result = []
+    for index, resolved in enumerate(s.stages):
+        teacher = s.teacher if resolved.needs_teacher(s.host.registry) else None
+        needs = resolved.needs(s.host.registry) if teacher else frozenset()
+        ctx = StageContext(run_dir=None, stage_index=index, stage=resolved.stage, task=s.task,
+                           student_layers=s.student.num_layers, teacher_layers=teacher.num_layers if teacher else 0,
+                           mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=device)
+        s.host.merged("kdframe_extra_parameters", ctx=ctx)
+        s.host.call("kdframe_stage_start", ctx=ctx)
+        entry: dict[str, Any] = {"stage": resolved.stage.name, "needs": sorted(needs), "student_layers": ctx.student_layers,
+                                 "teacher_layers": ctx.teacher_layers, "losses": {k: v.weight for k, v in resolved.losses.items()},
+                                 "mapping": resolved.mapping.name if resolved.mapping else None,
+                                 "weighting": resolved.weighting.name if resolved.weighting else None, "flows": {}}
+        if teacher is not None:
+            with torch.no_grad():
+                t = extract_features(s.host, "teacher", teacher, batch, needs)
+                st = extract_features(s.host, "student", s.student, batch, needs)
+                costs = s.host.merged("kdframe_layer_costs", student=st, teacher=t, ctx=ctx)
+                for kind, cost in costs.items():
+                    flow = s.host.first("kdframe_layer_mapping", f"mapping for cost {kind!r}", kind=kind, cost=cost,
+                                        weights=uniform_weights(cost.shape[0], cost.shape[1], cost.device), ctx=ctx)
+                    if flow.shape != cost.shape:
+                        raise PluginError(f"mapping {ctx.mapping.name!r} returned a flow of shape {tuple(flow.shape)}"
+                                          f" for cost {kind!r} of shape {tuple(cost.shape)}")
+                    entry["flows"][kind] = flow.float().tolist()
+                terms = s.host.merged("kdframe_loss_terms", student=st, teacher=t, costs=costs,
+                                      flows={k: torch.tensor(v) for k, v in entry["flows"].items()}, batch=batch, ctx=ctx)
+                missing = sorted(set(resolved.losses) - set(terms))
+                if missing:
+                    raise PluginError(f"stages[{index}]: no plugin computes the loss term(s) {', '.join(missing)}")
+        result.append(entry)
+    torch.set_rng_state(rng)
+    return result

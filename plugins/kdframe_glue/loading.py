@@ -1,0 +1,98 @@
+"""Tokenise a GLUE split, with an on-disk cache so that repeated runs skip parsing and tokenising."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kdframe.api import TokenizedSplit
+
+from kdframe_glue.reading import Examples, hub_name, read_hub, read_tsv, tsv_path
+from kdframe_glue.tasks import GlueTask
+
+_FIELDS = ("input_ids", "token_type_ids", "labels")
+
+
+def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any, cache_dir: str | None) -> TokenizedSplit:
+    """Load ``split`` of ``task`` as ``data`` (a recipe's DataSpec) describes, tokenised."""
+    task.check_split(split)
+    limit = data.train_limit if split == "train" else data.dev_limit
+    read: Callable[[], Examples]
+    if data.glue_dir:
+        path = tsv_path(data.glue_dir, task, split)
+        stat = path.stat()
+        source, origin = str(path), [str(path), stat.st_size, stat.st_mtime_ns]
+        read = partial(read_tsv, path, task)
+    else:
+        # GLUE on the hub is frozen, so its name identifies the data (and a cached split needs no network).
+        source = origin = hub_name(task, split)
+        read = partial(read_hub, task, split)
+    key = {"tokenizer": tokenizer_identity(tokenizer), "task": task.info.name, "split": split,
+           "max_length": data.max_length, "limit": limit, "data": origin}
+    file = _cache_root(cache_dir) / f"{task.info.name}-{split}-{_digest(key)[:24]}.json"
+    columns = _read_cache(file)
+    if columns is None:
+        columns = tokenize(read().head(limit), tokenizer, data.max_length)
+        _write_cache(file, columns)
+    return TokenizedSplit(task.info, split, source=source, **columns)
+
+
+def tokenize(examples: Examples, tokenizer: Any, max_length: int) -> dict[str, list]:
+    """Unpadded ids; the engine pads per batch. Tokenizers without segment ids get zeros."""
+    encoded = tokenizer(*examples.texts, truncation=True, max_length=max_length)
+    input_ids = [list(ids) for ids in encoded["input_ids"]]
+    token_type_ids = encoded.get("token_type_ids") or [[0] * len(ids) for ids in input_ids]
+    return {"input_ids": input_ids, "token_type_ids": [list(t) for t in token_type_ids],
+            "labels": list(examples.labels)}
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """What makes two tokenizers give the same ids: class, origin and the whole vocabulary."""
+    vocab = tokenizer.get_vocab()
+    return "|".join([type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")),
+                     str(len(vocab)), _digest(sorted(vocab.items()))])
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    root = cache_dir or os.environ.get("KDFRAME_CACHE") or "~/.cache/kdframe"
+    return Path(root).expanduser() / "glue"
+
+
+def _read_cache(file: Path) -> dict[str, list] | None:
+    """The cached columns, or None when missing or unusable (a corrupt file is rebuilt)."""
+    try:
+        columns = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(columns, dict) or set(columns) != set(_FIELDS)
+            or not all(isinstance(columns[f], list) for f in _FIELDS)
+            or len({len(columns[f]) for f in _FIELDS}) != 1 or not columns["labels"]):
+        return None
+    return columns
+
+
+def _write_cache(file: Path, columns: dict[str, list]) -> None:
+    """Write atomically (temp file + rename): a crash or a parallel run never leaves half a file."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(columns, f, separators=(",", ":"))
+            os.replace(tmp, file)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:  # a read-only cache costs speed, not correctness
+        warnings.warn(f"kdframe_glue: cannot write the tokenisation cache {file}: {exc}", stacklevel=2)

@@ -1,0 +1,132 @@
+"""Read one GLUE split into texts and labels, from the GLUE TSV files or from the hub."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdframe.api import DataError
+
+from kdframe_glue.tasks import HUB_ID, GlueTask
+
+
+@dataclass
+class Examples:
+    texts: tuple[list[str], ...]  # one list per text column (text_a, and text_b for pairs)
+    labels: list[int] | list[float]
+
+    def head(self, limit: int) -> Examples:
+        """The first ``limit`` examples; all of them when ``limit`` is 0."""
+        if limit <= 0:
+            return self
+        return Examples(tuple(column[:limit] for column in self.texts), self.labels[:limit])
+
+
+# -- local TSV files ----------------------------------------------------------------------
+
+def tsv_path(glue_dir: str, task: GlueTask, split: str) -> Path:
+    """The split's file; a DataError shows the expected layout and what is there instead."""
+    path = Path(glue_dir) / task.folder / task.file_name(split)
+    if path.is_file():
+        return path
+    near = path.parent if path.parent.is_dir() else Path(glue_dir)
+    if near.is_dir():
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in near.iterdir())
+        found = f"{near} holds: {', '.join(held) or 'nothing'}"
+    else:
+        found = f"{near} does not exist"
+    raise DataError(
+        f"{path}: file not found; data.glue_dir must have the GLUE layout "
+        f"<glue_dir>/{task.folder}/{{train,{task.dev}}}.tsv ({found})"
+    )
+
+
+def read_tsv(path: Path, task: GlueTask) -> Examples:
+    """Parse a GLUE TSV with QUOTE_NONE: GLUE fields may begin with '"' and must stay verbatim."""
+    texts: tuple[list[str], ...] = tuple([] for _ in task.text_at)
+    labels: list = []
+    width = task.headerless_columns
+    parse_label = _label_parser(task)
+    # utf-8-sig drops the BOM the download script writes; newline="" lets csv handle CRLF.
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if not row:  # a blank line (e.g. a trailing one) holds no example
+                    continue
+                if width is None:  # the header fixes the column count (MNLI dev has more than train)
+                    width = len(row)
+                    continue
+                if len(row) != width:
+                    expected = ("as in the header" if task.headerless_columns is None
+                                else f"{task.folder} files have no header")
+                    raise DataError(f"{where}: expected {width} tab-separated columns ({expected}), found {len(row)}")
+                for column, at in zip(texts, task.text_at):
+                    column.append(row[at])
+                labels.append(parse_label(row[task.label_at], where, task.label_at % width + 1))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text after line {reader.line_num} ({exc.reason})") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+    if not labels:
+        raise DataError(f"{path}: the split is empty (no example rows after line {reader.line_num})")
+    return Examples(texts, labels)
+
+
+def _label_parser(task: GlueTask) -> Callable[[str, str, int], float]:
+    """A function (value, where, column) -> label id, or score for STS-B."""
+    if task.info.is_regression:
+        def score(value: str, where: str, column: int) -> float:
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise DataError(f"{where}: score {value!r} in column {column} is not a number")
+            return number
+        return score
+
+    ids = {value: i for i, value in enumerate(task.info.labels)}
+
+    def label(value: str, where: str, column: int) -> int:
+        if value not in ids:
+            raise DataError(f"{where}: unknown label {value!r} in column {column}; "
+                            f"allowed: {', '.join(task.info.labels)}")
+        return ids[value]
+    return label
+
+
+# -- the hub ------------------------------------------------------------------------------
+
+def hub_name(task: GlueTask, split: str) -> str:
+    return f"{HUB_ID} ({task.hub_config}, {task.hub_split(split)})"
+
+
+def read_hub(task: GlueTask, split: str) -> Examples:
+    import datasets  # imported here: slow to import, and only the hub path needs it
+
+    name = hub_name(task, split)
+    try:
+        ds = datasets.load_dataset(HUB_ID, task.hub_config, split=task.hub_split(split))
+    except Exception as exc:  # offline, no cached copy, hub or auth errors: the remedy is the same
+        raise DataError(
+            f"cannot load {name}: {type(exc).__name__}: {exc}. Without the hub, set data.glue_dir to a "
+            f"directory in the GLUE layout (<glue_dir>/{task.folder}/train.tsv ...)"
+        ) from exc
+    missing = [c for c in (*task.info.text_columns, "label") if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{name}: missing columns {', '.join(missing)}; it has {', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise DataError(f"{name}: the split is empty")
+    texts = tuple(list(ds[c]) for c in task.info.text_columns)
+    if task.info.is_regression:
+        return Examples(texts, [float(y) for y in ds["label"]])
+    labels = [int(y) for y in ds["label"]]
+    for row, y in enumerate(labels, 1):
+        if not 0 <= y < task.info.num_labels:  # e.g. -1, the hub's mark for unlabelled test rows
+            raise DataError(f"{name}: row {row} has label {y}; expected 0..{task.info.num_labels - 1}")
+    return Examples(texts, labels)
