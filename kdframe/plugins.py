@@ -98,8 +98,16 @@ def _import_plugin(module_name: str, origin: str) -> Any:
         raise PluginError(f"plugin {origin} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
-def load_plugins(extra: Iterable[str] = ()) -> PluginHost:
-    """Load every plugin and register their strategies. ``extra`` holds ``-p`` values."""
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # a hook implemented with wrong arguments
+        raise PluginError(f"plugin {name!r} is invalid: {exc}") from None
+
+
+def load_plugins(extra: Iterable[str] = (), objects: Iterable[Any] = ()) -> PluginHost:
+    """Load every plugin and register their strategies. ``extra`` holds ``-p`` values;
+    ``objects`` are plugin objects registered last (inline plugins in tests)."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     extra = list(extra)
@@ -121,7 +129,7 @@ def load_plugins(extra: Iterable[str] = ()) -> PluginHost:
                 f"two installed plugins use the name {ep.name!r} ({ep.value} from {dist_name})"
             )
         module = _import_plugin(ep.value, f"{ep.name!r} (entry point {ep.value})")
-        pm.register(module, name=ep.name)
+        _register(pm, module, ep.name)
         version = ep.dist.version if ep.dist else "-"
         infos.append(PluginInfo(ep.name, ep.value, version, "bundled" if bundled else "entry point"))
 
@@ -131,16 +139,19 @@ def load_plugins(extra: Iterable[str] = ()) -> PluginHost:
         if pm.get_plugin(module_name) is not None:
             continue
         module = _import_plugin(module_name, f"{module_name!r} (-p)")
-        pm.register(module, name=module_name)
+        _register(pm, module, module_name)
         infos.append(PluginInfo(module_name, module_name, _version_of(module_name), "-p"))
+
+    for obj in objects:
+        name = getattr(obj, "__name__", type(obj).__name__)
+        _register(pm, obj, name)
+        infos.append(PluginInfo(name, name, "-", "inline"))
 
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(
-            f"plugin {exc.plugin_name if hasattr(exc, 'plugin_name') else exc.plugin!r} implements"
-            f" a hook kdframe does not define: {exc}"
-        ) from exc
+        name = pm.get_name(exc.plugin) or exc.plugin
+        raise PluginError(f"plugin {name!r} implements a hook kdframe does not define: {exc}") from None
 
     if os.environ.get("KDFRAME_TRACE_HOOKS") == "1":
         pm.trace.root.setwriter(lambda message: sys.stderr.write(message))

@@ -154,7 +154,7 @@ converter = _converter()
 
 def _format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, ForbiddenExtraKeysError):
-        allowed = ", ".join(a.name for a in attrs.fields(exc.cl))
+        allowed = ", ".join(a.name for a in attrs.fields(exc.cl)) or "none (it takes no parameters)"
         keys = ", ".join(repr(k) for k in sorted(exc.extra_fields))
         return f"unknown key {keys}; allowed: {allowed}"
     if isinstance(exc, KeyError):

@@ -1,1 +1,79 @@
-"""kdframe bundled plugin (stub, filled in by its issue)."""
+"""TinyBERT's one-to-one layer mapping (method.md section 3): student layer m learns from teacher
+layer g(m) = m*N/M, or from an explicit list. The flow is a fixed 0/1 matrix, so the layer loss
+is the plain sum over layers (TinyBERT's scale).
+
+``check_layer_list`` and ``fixed_flow`` are also used by kdframe_pkd.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from kdframe.api import ModelError, StageContext, StrategyRegistry, hookimpl
+
+
+@attrs.frozen
+class OneToOneParams:
+    """``layers``: the teacher layer (1-indexed) for each student layer 1..M; empty: m*N/M."""
+
+    layers: list[int] = attrs.Factory(list)
+
+
+def check_layer_list(layers: list[int], count: int, N: int) -> None:
+    """Raise ValueError unless ``layers`` holds ``count`` teacher layers within 1..N."""
+    if len(layers) != count:
+        raise ValueError(f"layers has {len(layers)} entries, {count} are needed: {layers}")
+    outside = [layer for layer in layers if not 1 <= layer <= N]
+    if outside:
+        raise ValueError(f"layers {outside} are outside the teacher's layers 1..{N}")
+
+
+def teacher_layers_for(M: int, N: int, layers: list[int]) -> list[int]:
+    """The teacher layer (1-indexed) for each student layer 1..M: ``layers``, else m*N/M."""
+    if layers:
+        check_layer_list(layers, M, N)
+        return list(layers)
+    if N % M:
+        hint = [-(-m * N // M) for m in range(1, M + 1)]  # ceil(m*N/M), one valid choice
+        raise ValueError(f"one-to-one needs the teacher's layer count to be a multiple of the student's"
+                         f" (N={N}, M={M}); give the teacher layer of each student layer in the"
+                         f" mapping table, e.g. layers = {hint}")
+    return [m * N // M for m in range(1, M + 1)]
+
+
+def fixed_flow(cost: torch.Tensor, teacher_layers: list[int], value: float) -> torch.Tensor:
+    """A constant flow with ``value`` at (student row i, teacher layer teacher_layers[i]) and zero
+    elsewhere; rows past the list stay zero."""
+    flow = torch.zeros_like(cost, requires_grad=False)
+    rows = torch.arange(len(teacher_layers), device=cost.device)
+    flow[rows, torch.tensor(teacher_layers, device=cost.device) - 1] = value
+    return flow
+
+
+def _layers(ctx: StageContext) -> list[int]:
+    try:
+        return teacher_layers_for(ctx.student_layers, ctx.teacher_layers, ctx.mapping.params.layers)
+    except ValueError as exc:
+        raise ModelError(f"mapping one-to-one: {exc}") from None
+
+
+@hookimpl
+def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+    registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False,
+                 description="TinyBERT: student layer m learns from teacher layer m*N/M")
+
+
+@hookimpl
+def kdframe_stage_start(ctx: StageContext) -> None:
+    if ctx.mapping and ctx.mapping.name == "one-to-one":
+        _layers(ctx)  # fail before the first step, naming N and M
+
+
+@hookimpl
+def kdframe_layer_mapping(
+    kind: str, cost: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], ctx: StageContext
+) -> torch.Tensor | None:
+    if ctx.mapping is None or ctx.mapping.name != "one-to-one":
+        return None
+    return fixed_flow(cost, _layers(ctx), 1.0)

@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+sys.path.insert(0, str(FIXTURES))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenisation and teacher caches go to a per-session temp dir, never ~/.cache."""
+    monkeypatch.setenv("KDFRAME_CACHE", str(tmp_path_factory.getbasetemp() / "kdframe-cache"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run the kdframe CLI in a subprocess, as a user would."""
+    full_env = dict(os.environ, PYTHONPATH=str(FIXTURES), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "kdframe.cli", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

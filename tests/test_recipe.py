@@ -1,0 +1,121 @@
+"""Recipe schema: structuring, every problem with its path, overrides, extends."""
+
+import pytest
+
+from kdframe.errors import RecipeError
+from kdframe.recipe import Recipe, apply_override, load_recipe, resolve_recipe, structure
+
+BASE = {
+    "data": {"task": "mrpc"},
+    "teacher": {"init": "config"},
+    "student": {"init": "teacher-layers", "layers": [0]},
+    "stages": [{"losses": {"hard": 1.0}}],
+}
+
+
+def problems_of(raw):
+    return structure(raw, Recipe)[1]
+
+
+def test_valid_recipe_structures_with_defaults():
+    recipe, problems = structure(BASE, Recipe)
+    assert problems == []
+    assert recipe.stages[0].lr == 3e-5 and recipe.stages[0].losses["hard"].weight == 1.0
+
+
+def test_every_problem_is_reported_with_its_path_at_once():
+    raw = {**BASE, "teacher": {"init": "config", "zz": 1},
+           "stages": [{"lrr": 1, "schedule": "cosine", "batch_size": "many"}]}
+    problems = problems_of(raw)
+    assert "teacher: unknown key 'zz'; allowed: init, model, tokenizer, layers, config, train, seed" in problems
+    assert any(p.startswith("stages[0]: unknown key 'lrr'; allowed: name, epochs") for p in problems)
+    assert "stages[0].schedule: must be one of 'constant', 'linear'" in problems
+    assert "stages[0].batch_size: expected int" in problems
+    assert len(problems) == 4
+
+
+def test_ranges_are_checked_with_paths():
+    raw = {**BASE, "data": {"task": "mrpc", "max_length": 0},
+           "stages": [{"lr": -1.0, "batch_size": 0, "warmup_ratio": 1.0}]}
+    assert sorted(problems_of(raw)) == sorted([
+        "data.max_length: must be > 0, got 0",
+        "stages[0].lr: must be > 0, got -1.0",
+        "stages[0].batch_size: must be > 0, got 0",
+        "stages[0].warmup_ratio: must be < 1, got 1.0",
+    ])
+
+
+def test_missing_sections_are_named():
+    assert problems_of({"data": {}}) == [
+        "teacher: required key 'teacher' is missing",
+        "student: required key 'student' is missing",
+        "stages: required key 'stages' is missing",
+    ]
+
+
+def test_loss_shorthand_and_table_forms():
+    raw = {**BASE, "stages": [{"losses": {"hid": 0.5, "pred": {"weight": 2, "temperature": 3.0}}}]}
+    recipe, _ = structure(raw, Recipe)
+    assert recipe.stages[0].losses["hid"].weight == 0.5
+    assert recipe.stages[0].losses["pred"].params == {"temperature": 3.0}
+
+
+def test_override_parses_toml_literals_and_bare_strings():
+    raw = {"stages": [{"lr": 1.0}], "data": {}}
+    apply_override(raw, "stages[0].lr=2e-5")
+    apply_override(raw, "data.task=rte")
+    apply_override(raw, "student.layers=[1, 3]")
+    assert raw == {"stages": [{"lr": 2e-5}], "data": {"task": "rte"}, "student": {"layers": [1, 3]}}
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("stages[3].lr=1", "--set stages[3].lr: stages has 1 entries, no [3]"),
+    ("stages[0].lr.x=1", "--set stages[0].lr.x: stages[0].lr is not a table"),
+    ("nonsense", "expected PATH=VALUE"),
+])
+def test_bad_override_is_a_recipe_error(assignment, message):
+    with pytest.raises(RecipeError) as info:
+        apply_override({"stages": [{"lr": 1.0}]}, assignment)
+    assert message in str(info.value)
+
+
+def test_extends_merges_tables_and_replaces_lists(tmp_path):
+    (tmp_path / "base.toml").write_text(
+        'name = "base"\n[data]\ntask = "rte"\nmax_length = 64\n[teacher]\ninit = "config"\n'
+        '[student]\ninit = "config"\n[[stages]]\nname = "a"\n[[stages]]\nname = "b"\n')
+    (tmp_path / "top.toml").write_text('extends = "base.toml"\n[data]\nmax_length = 32\n[[stages]]\nname = "c"\n')
+    recipe, _ = load_recipe(tmp_path / "top.toml")
+    assert (recipe.data.task, recipe.data.max_length) == ("rte", 32)
+    assert [s.name for s in recipe.stages] == ["c"]
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe(tmp_path / "a.toml")
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "r.toml").write_text(
+        '[data]\nglue_dir = "glue"\n[teacher]\ninit = "config"\n[student]\ninit = "config"\n[[stages]]\n')
+    recipe, _ = load_recipe(tmp_path / "r.toml")
+    assert recipe.data.glue_dir == str((tmp_path / "glue").resolve())
+
+
+def test_strategy_params_structured_into_their_class(kdframe_host):
+    recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emd", "reg": 1},
+                                                "weighting": {"strategy": "cost-attention", "normalize": "max"},
+                                                "losses": {"pred": 1.0, "nope": 1.0}}]}, Recipe)
+    _, problems = resolve_recipe(recipe, kdframe_host.registry)
+    assert any(p.startswith("stages[0].mapping: unknown key 'reg'") for p in problems), problems
+    assert "stages[0].weighting.normalize: must be one of 'sum', 'softmax'" in problems
+    assert any(p.startswith("stages[0].losses.nope: unknown loss strategy 'nope'; known: ") and "pred" in p
+               for p in problems)
+
+
+def test_unknown_mapping_lists_known_ones(kdframe_host):
+    recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emdd"}, "losses": {"pred": 1.0}}]}, Recipe)
+    _, problems = resolve_recipe(recipe, kdframe_host.registry)
+    assert problems == ["stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform"]
