@@ -48,6 +48,7 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     ablate.add_argument("--resume", action="store_true", help="continue an interrupted ablation in --out")
     ablate.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     ablate.add_argument("--progress", choices=["rich", "plain", "off", "auto"], default="auto")
+    ablate.add_argument("--shard", metavar="I/N", help="run only the cells whose index %% N == I (one machine's share)")
     _common(ablate, overrides=False)
 
     report = sub.add_parser("report", help="tables and plots for a run or ablation directory")
@@ -138,9 +139,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                   f" metric {session.task.main_metric}")
     if session.needs_teacher:
         t = session.teacher
-        console.print(f"teacher: {t.description} ({t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads)")
+        console.print(f"teacher: {t.description}")
     st = session.student
-    console.print(f"student: {st.description} ({st.num_layers} layers, hidden {st.hidden_size}, {st.num_heads} heads)")
+    console.print(f"student: {st.description}")
     for entry in stages:
         losses = ", ".join(f"{k}={v:g}" for k, v in entry["losses"].items())
         console.print(f"stage {entry['stage']!r}: mapping {entry['mapping']}, weighting {entry['weighting']},"
@@ -184,7 +185,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from kdframe.ablate import run_ablation
 
-    return run_ablation(args.grid, args.out, args.resume, args.jobs, args.progress, args.plugins)
+    return run_ablation(args.grid, args.out, args.resume, args.jobs, args.progress, args.plugins, args.shard)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -125,6 +125,17 @@ def extract_features(host: PluginHost, role: str, loaded: LoadedModel, batch: di
                       role=role, model=loaded.model, batch=batch, needs=needs)
 
 
+def stage_context(run_dir: Path | None, index: int, resolved: ResolvedStage, task: TaskInfo, student: LoadedModel,
+                  teacher: LoadedModel | None, device: torch.device) -> StageContext:
+    return StageContext(
+        run_dir=run_dir, stage_index=index, stage=resolved.stage, task=task,
+        student_layers=student.num_layers, teacher_layers=teacher.num_layers if teacher else 0,
+        student_hidden_size=student.hidden_size, teacher_hidden_size=teacher.hidden_size if teacher else 0,
+        student_heads=student.num_heads, teacher_heads=teacher.num_heads if teacher else 0,
+        mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=device,
+    )
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -170,6 +181,11 @@ def cache_root(recipe: Recipe) -> Path:
     if recipe.data.cache_dir:
         return Path(recipe.data.cache_dir)
     return Path(os.environ.get("KDFRAME_CACHE", Path.home() / ".cache" / "kdframe"))
+
+
+def teacher_cache_path(recipe: Recipe) -> Path:
+    """Where a fine-tuned teacher is cached, shared by every run (and ablation cell) with the same key."""
+    return cache_root(recipe) / "teachers" / f"{teacher_cache_key(recipe)}.pt"
 
 
 # -- the trainer --------------------------------------------------------------------------------
@@ -242,7 +258,7 @@ class Trainer:
         """Fine-tune the teacher (or take it from this run or the shared cache); evaluate it."""
         s = self.session
         teacher = s.teacher
-        cached = cache_root(s.recipe) / "teachers" / f"{teacher_cache_key(s.recipe)}.pt"
+        cached = teacher_cache_path(s.recipe)
         if self.run_dir.teacher.exists():
             teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
             source = "this run"
@@ -302,11 +318,7 @@ class Trainer:
         key = TEACHER if index < 0 else stage.name
         registry = self.host.registry
         needs = resolved.needs(registry) if teacher is not None else frozenset()
-        ctx = StageContext(
-            run_dir=self.run_dir.path, stage_index=index, stage=stage, task=s.task,
-            student_layers=student.num_layers, teacher_layers=teacher.num_layers if teacher else 0,
-            mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=self.device,
-        )
+        ctx = stage_context(self.run_dir.path, index, resolved, s.task, student, teacher, self.device)
         model = student.model.to(self.device)
         if teacher is not None:
             teacher.model.to(self.device).eval()
@@ -373,10 +385,10 @@ class Trainer:
                 pos["batch"] = b + 1
                 step = pos["step"]
                 ctx.step = step
+                flows, used = record.pop("_flows"), record.pop("_weights")
                 if step % stage.log_every == 0 or step == total:
                     self.run_dir.append_jsonl("metrics.jsonl", {"stage": key, "step": step, **record})
-                    self.log_layer_weights(key, step, record.pop("_flows"), record.pop("_weights"))
-                record.pop("_flows", None), record.pop("_weights", None)
+                    self.log_layer_weights(key, step, flows, used)
                 self.host.call("kdframe_step_end", ctx=ctx, record=record)
                 evaluated = stage.eval_every and step % stage.eval_every == 0
                 if evaluated:
@@ -532,9 +544,7 @@ def plan(session: Session, examples: int = 4) -> list[dict[str, Any]]:
     for index, resolved in enumerate(s.stages):
         teacher = s.teacher if resolved.needs_teacher(s.host.registry) else None
         needs = resolved.needs(s.host.registry) if teacher else frozenset()
-        ctx = StageContext(run_dir=None, stage_index=index, stage=resolved.stage, task=s.task,
-                           student_layers=s.student.num_layers, teacher_layers=teacher.num_layers if teacher else 0,
-                           mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=device)
+        ctx = stage_context(None, index, resolved, s.task, s.student, teacher, device)
         s.host.merged("kdframe_extra_parameters", ctx=ctx)
         s.host.call("kdframe_stage_start", ctx=ctx)
         entry: dict[str, Any] = {"stage": resolved.stage.name, "needs": sorted(needs), "student_layers": ctx.student_layers,

@@ -333,7 +333,20 @@ def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
         return raw
     if not isinstance(parent, str):
         raise RecipeError([f"extends: expected a path (string) in {path}, got {parent!r}"])
-    return _merge(read_with_extends(path.parent / parent, (*seen, path)), raw)
+    base_path = (path.parent / parent).resolve()
+    base = read_with_extends(base_path, (*seen, path))
+    _anchor_paths(base, base_path.parent)
+    return _merge(base, raw)
+
+
+def _anchor_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in an extended recipe are relative to that recipe, not to the one extending it."""
+    for table, key in (("data", "glue_dir"), ("data", "cache_dir"), ("teacher", "model"), ("teacher", "tokenizer"),
+                       ("student", "model"), ("student", "tokenizer")):
+        section = raw.get(table)
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
+            value = section[key]
+            section[key] = str((base / value).resolve()) if table == "data" else _resolve_path(value, base)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:

@@ -102,6 +102,10 @@ class StageContext:
     task: TaskInfo
     student_layers: int
     teacher_layers: int
+    student_hidden_size: int
+    teacher_hidden_size: int
+    student_heads: int
+    teacher_heads: int
     mapping: Selected | None
     weighting: Selected | None
     losses: dict[str, Selected]

@@ -12,10 +12,10 @@ SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 sys.path.insert(0, str(FIXTURES))
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
     """Tokenisation and teacher caches go to a per-session temp dir, never ~/.cache."""
-    monkeypatch.setenv("KDFRAME_CACHE", str(tmp_path_factory.getbasetemp() / "kdframe-cache"))
+    os.environ["KDFRAME_CACHE"] = str(tmp_path_factory.getbasetemp() / "kdframe-cache")
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):

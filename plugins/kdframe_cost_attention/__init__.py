@@ -50,11 +50,11 @@ def cost_attention(flows: dict[str, torch.Tensor], costs: dict[str, torch.Tensor
         moved = flows[kind].detach() * costs[kind].detach()
         new[kind] = (_attend(moved.sum(1), w_s, params), _attend(moved.sum(0), w_t, params))
     if not params.separate:
-        w_s = torch.stack([s for s, _ in new.values()]).mean(0)
-        w_t = torch.stack([t for _, t in new.values()]).mean(0)
+        avg_s = torch.stack([s for s, _ in new.values()]).mean(0)
+        avg_t = torch.stack([t for _, t in new.values()]).mean(0)
         if params.normalize == "softmax":  # the published runs' second softmax
-            w_s, w_t = torch.softmax(w_s, 0), torch.softmax(w_t, 0)
-        new = dict.fromkeys(new, (w_s, w_t))
+            avg_s, avg_t = torch.softmax(avg_s, 0), torch.softmax(avg_t, 0)
+        new = dict.fromkeys(new, (avg_s, avg_t))
     return {kind: (_on_simplex(new[kind][0], w_s, params.eps), _on_simplex(new[kind][1], w_t, params.eps))
             for kind, (w_s, w_t) in weights.items()}
 

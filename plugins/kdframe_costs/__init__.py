@@ -133,14 +133,6 @@ def projection(ctx: StageContext) -> torch.nn.Module:
         raise PluginError(f"costs: {W_H} is missing from ctx.state; kdframe_extra_parameters must run at stage start") from None
 
 
-def _hidden_sizes(ctx: StageContext) -> tuple[int, int]:
-    # Not part of StageContext yet: W_h needs both sizes before the first step (see report).
-    d_s, d_t = getattr(ctx, "student_hidden_size", None), getattr(ctx, "teacher_hidden_size", None)
-    if d_s is None or d_t is None:
-        raise PluginError("costs: W_h needs the hidden sizes; the engine must set ctx.student_hidden_size and ctx.teacher_hidden_size")
-    return d_s, d_t
-
-
 @hookimpl
 def kdframe_register_strategies(registry: StrategyRegistry) -> None:
     registry.add("loss", "att", params=AttParams, needs=("attn",),
@@ -166,13 +158,17 @@ def kdframe_validate_recipe(recipe: Any, registry: StrategyRegistry) -> list[str
 
 @hookimpl
 def kdframe_extra_parameters(ctx: StageContext) -> dict[str, torch.nn.Module]:
-    if not any(ctx.active(term) for term in ("hid", "emb", "pt")):
-        return {}
-    d_s, d_t = _hidden_sizes(ctx)
-    if not (ctx.active("hid") or ctx.active("emb") or d_s != d_t):
+    d_s, d_t = ctx.student_hidden_size, ctx.teacher_hidden_size
+    if not (ctx.active("hid") or ctx.active("emb") or (ctx.active("pt") and d_s != d_t)):
         return {}  # pt alone compares equal-sized [CLS] vectors directly
     ctx.state[W_H] = torch.nn.Linear(d_s, d_t)
     return {W_H: ctx.state[W_H]}
+
+
+@hookimpl
+def kdframe_stage_start(ctx: StageContext) -> None:
+    if ctx.active("att"):
+        check_heads(ctx.student_heads, ctx.teacher_heads, ctx.losses["att"].params)  # fail before training
 
 
 @hookimpl

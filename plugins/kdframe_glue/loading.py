@@ -20,7 +20,8 @@ from kdframe_glue.tasks import GlueTask
 _FIELDS = ("input_ids", "token_type_ids", "labels")
 
 
-def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any, cache_dir: str | None) -> TokenizedSplit:
+def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any,
+               cache_dir: str | None) -> TokenizedSplit:
     """Load ``split`` of ``task`` as ``data`` (a recipe's DataSpec) describes, tokenised."""
     task.check_split(split)
     limit = data.train_limit if split == "train" else data.dev_limit
@@ -28,7 +29,8 @@ def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any, cache_dir:
     if data.glue_dir:
         path = tsv_path(data.glue_dir, task, split)
         stat = path.stat()
-        source, origin = str(path), [str(path), stat.st_size, stat.st_mtime_ns]
+        source = str(path)
+        origin = f"{path} size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
         read = partial(read_tsv, path, task)
     else:
         # GLUE on the hub is frozen, so its name identifies the data (and a cached split needs no network).

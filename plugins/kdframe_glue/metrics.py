@@ -56,5 +56,6 @@ def compute(names: Iterable[str], predictions: Any, labels: Any) -> dict[str, fl
     pred = np.asarray(predictions, dtype=np.float64).reshape(-1)
     gold = np.asarray(labels, dtype=np.float64).reshape(-1)
     if pred.shape != gold.shape or not len(gold):
-        raise ValueError(f"metrics need as many predictions as labels (at least one), got {len(pred)} and {len(gold)}")
+        raise ValueError(f"metrics need as many predictions as labels (at least one), "
+                         f"got {len(pred)} and {len(gold)}")
     return {name: METRICS[name](pred, gold) for name in names}

@@ -55,7 +55,6 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             for row in reader:
-                where = f"{path}:{reader.line_num}"
                 if not row:  # a blank line (e.g. a trailing one) holds no example
                     continue
                 if width is None:  # the header fixes the column count (MNLI dev has more than train)
@@ -64,38 +63,42 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
                 if len(row) != width:
                     expected = ("as in the header" if task.headerless_columns is None
                                 else f"{task.folder} files have no header")
-                    raise DataError(f"{where}: expected {width} tab-separated columns ({expected}), found {len(row)}")
+                    raise DataError(f"{path}:{reader.line_num}: expected {width} tab-separated columns "
+                                    f"({expected}), found {len(row)}")
                 for column, at in zip(texts, task.text_at):
                     column.append(row[at])
-                labels.append(parse_label(row[task.label_at], where, task.label_at % width + 1))
+                try:
+                    labels.append(parse_label(row[task.label_at]))
+                except ValueError as exc:
+                    at = task.label_at % width + 1
+                    raise DataError(f"{path}:{reader.line_num}: column {at}: {exc}") from None
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text after line {reader.line_num} ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: {exc}") from None
     if not labels:
-        raise DataError(f"{path}: the split is empty (no example rows after line {reader.line_num})")
+        raise DataError(f"{path}: the split is empty (no example rows)")
     return Examples(texts, labels)
 
 
-def _label_parser(task: GlueTask) -> Callable[[str, str, int], float]:
-    """A function (value, where, column) -> label id, or score for STS-B."""
+def _label_parser(task: GlueTask) -> Callable[[str], float]:
+    """A function from a TSV label value to its id (a score for STS-B); ValueError says what is wrong."""
     if task.info.is_regression:
-        def score(value: str, where: str, column: int) -> float:
+        def score(value: str) -> float:
             try:
                 number = float(value)
             except ValueError:
                 number = math.nan
             if not math.isfinite(number):
-                raise DataError(f"{where}: score {value!r} in column {column} is not a number")
+                raise ValueError(f"score {value!r} is not a number")
             return number
         return score
 
     ids = {value: i for i, value in enumerate(task.info.labels)}
 
-    def label(value: str, where: str, column: int) -> int:
+    def label(value: str) -> int:
         if value not in ids:
-            raise DataError(f"{where}: unknown label {value!r} in column {column}; "
-                            f"allowed: {', '.join(task.info.labels)}")
+            raise ValueError(f"unknown label {value!r}; allowed: {', '.join(task.info.labels)}")
         return ids[value]
     return label
 

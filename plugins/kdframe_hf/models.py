@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, BertCon
 from transformers.utils import logging as hf_logging
 
 from kdframe.api import LoadedModel, ModelError, TaskInfo
-from kdframe_hf.sources import resolve_source
+from kdframe_hf.sources import is_local, resolve_source
 from kdframe_hf.tokenizer import has_tokenizer, load_tokenizer
 
 #: Model types whose self-attention goes through transformers' AttentionInterface (so scores
@@ -48,7 +48,8 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # a bad directory or hub id is bad input, whatever transformers raises
-        raise ModelError(f"cannot load model {source!r}: {type(exc).__name__}: {exc}") from exc
+        where = "" if is_local(source) else f" (no directory of that name under {base_dir}, so tried as a hub id)"
+        raise ModelError(f"cannot load model {source!r}{where}: {type(exc).__name__}: {exc}") from exc
     check_supported(config, source)
     trained_labels = config.num_labels if any("SequenceClassification" in a for a in config.architectures or ()) else None
     if trained_labels not in (None, task.num_labels):
@@ -56,7 +57,7 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     _set_task(config, task)
     try:
         with quiet_transformers():
-            # fp32 master weights whatever the checkpoint holds: the engine autocasts for bf16/fp16.
+            # fp32 weights whatever dtype the checkpoint was saved in: mixed precision is autocast's job.
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, config=config, dtype=torch.float32, output_loading_info=True)
     except Exception as exc:

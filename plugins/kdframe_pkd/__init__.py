@@ -26,16 +26,16 @@ class PkdParams:
 def pkd_teacher_layers(M: int, N: int, choice: str, layers: list[int]) -> list[int]:
     """The teacher layer (1-indexed) for each student layer 1..M-1."""
     if M < 2:
-        raise ValueError(f"PKD needs a student of at least 2 layers (M={M}): the last one is left to the prediction loss")
+        raise ValueError(f"the student needs at least 2 layers (M={M}): its last one is left to the prediction loss")
     if layers:
         check_layer_list(layers, M - 1, N)
         return list(layers)
     if M > N:
-        raise ValueError(f"PKD needs a student no deeper than the teacher (N={N}, M={M}); give layers")
+        raise ValueError(f"the student must not be deeper than the teacher (N={N}, M={M}); give layers")
     if choice == "last":
         return list(range(N - M + 1, N))
     if N % M:
-        raise ValueError(f'PKD "skip" needs N % M == 0 (N={N}, M={M}); use choice = "last" or give layers')
+        raise ValueError(f'choice "skip" needs N % M == 0 (N={N}, M={M}); use choice = "last" or give layers')
     return [k * N // M for k in range(1, M)]
 
 

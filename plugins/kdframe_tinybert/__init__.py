@@ -36,7 +36,7 @@ def teacher_layers_for(M: int, N: int, layers: list[int]) -> list[int]:
         return list(layers)
     if N % M:
         hint = [-(-m * N // M) for m in range(1, M + 1)]  # ceil(m*N/M), one valid choice
-        raise ValueError(f"one-to-one needs the teacher's layer count to be a multiple of the student's"
+        raise ValueError(f"the teacher's layer count must be a multiple of the student's"
                          f" (N={N}, M={M}); give the teacher layer of each student layer in the"
                          f" mapping table, e.g. layers = {hint}")
     return [m * N // M for m in range(1, M + 1)]

@@ -1,0 +1,409 @@
+"""``kdframe ablate``: a grid of recipe variants x tasks x seeds, each cell a normal run.
+
+A grid file (paths relative to it)::
+
+    base = "emd_glue.toml"                 # the recipe every variant starts from
+    name = "emd-ablation"                  # default --out: runs/ablation-<name>
+    set = ["stages[0].epochs=1"]           # overrides for every cell (e.g. to shorten runs)
+
+    [axes]
+    tasks = ["mrpc", "rte"]                # sets data.task
+    seeds = [1, 2, 3]                      # sets seed (the teacher keeps teacher.seed)
+
+    [tasks_set]                            # overrides for one task's cells
+    rte = ["data.glue_dir=../../shared/data/glue"]
+
+    [variants.emd]                         # the base recipe as it is
+    [variants.emd-no-ca]
+    set = ["stages[0].weighting.strategy=uniform"]
+    [variants.pkd]
+    recipe = "pkd_glue.toml"               # another recipe instead of base
+
+A cell's overrides apply in this order: the grid's ``set``, ``tasks_set[task]``, the variant's
+``set``, then the task and the seed. They are ``--set`` overrides: a relative path in a value is
+relative to the cell's recipe file, not to the grid.
+
+The ablation directory::
+
+    ablation.json                          grid, cells, and each cell's status (rewritten atomically)
+    cells/<task>/<variant>/seed<seed>/     one run directory per cell
+    results.csv, report.md, plots/         kdframe.report, written at the end
+
+Cells of one task share one fine-tuned teacher through the engine's teacher cache (keyed by the
+teacher spec, data and teacher.seed, not the recipe seed): only the first such cell fine-tunes it.
+With ``--jobs N`` the cells run in N spawned processes; one cell per uncached teacher runs first
+so that the others find the teacher cached instead of each fine-tuning it.
+
+``--resume`` skips done cells, continues an unfinished cell from its checkpoint, and restarts a cell
+that died before its first checkpoint (or failed before training) from scratch.
+
+Several machines: running ``kdframe ablate GRID --out SHARED --resume`` on two machines at once is
+NOT safe: both would take the same pending cells and overwrite each other's state file. Shard the
+grid instead: ``--shard I/N`` runs only the cells with index % N == I and keeps its state in
+``ablation.shard-I-of-N.json``. Shards write disjoint cell directories, so they can share one
+directory on a shared filesystem, or run in separate ones copied together afterwards;
+``kdframe report DIR`` reads every state file it finds. Point ``KDFRAME_CACHE`` at a shared
+directory to fine-tune each teacher once, otherwise each machine fine-tunes its tasks' teachers.
+docs/ablation.md sketches Ray as an optional scheduler on top of ``run_cell``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from kdframe.errors import KdframeError, RecipeError, RunFailed
+from kdframe.recipe import load_recipe, read_toml, resolve_recipe, structure
+from kdframe.registry import StrategyRegistry
+from kdframe.rundir import CHECKPOINT, RunDir
+
+STATE = "ablation.json"
+SUMMARY = "summary.json"
+_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+Cell = dict[str, Any]  # as stored in the state file: definition + status
+
+
+@attrs.frozen
+class Variant:
+    recipe: str = ""  # a recipe file used instead of the grid's base
+    set: list[str] = attrs.Factory(list)
+
+
+@attrs.frozen
+class Axes:
+    tasks: list[str]
+    seeds: list[int]
+
+
+@attrs.frozen
+class Grid:
+    axes: Axes
+    variants: dict[str, Variant]
+    base: str = ""
+    name: str = "ablation"
+    set: list[str] = attrs.Factory(list)
+    tasks_set: dict[str, list[str]] = attrs.Factory(dict)
+
+
+# -- the grid -----------------------------------------------------------------------------------
+
+def load_grid(path: Path) -> Grid:
+    """Structure a grid file; every problem (with its path) is reported at once as a RecipeError."""
+    if not path.is_file():
+        raise KdframeError(f"grid file not found: {path.resolve()}")
+    grid, problems = structure(read_toml(path), Grid)
+    if grid is not None:
+        problems += _grid_problems(grid, path.resolve().parent)
+    if problems:
+        raise RecipeError(problems, source=str(path.resolve()))
+    return grid
+
+
+def _grid_problems(grid: Grid, here: Path) -> list[str]:
+    problems = []
+    if not grid.variants:
+        problems.append("variants: give at least one [variants.NAME] table")
+    for where, values in (("axes.tasks", grid.axes.tasks), ("axes.seeds", grid.axes.seeds)):
+        if not values:
+            problems.append(f"{where}: give at least one")
+        problems += [f"{where}: {v!r} is listed twice" for i, v in enumerate(values) if v in values[:i]]
+    for where, names in (("axes.tasks", grid.axes.tasks), ("variants", grid.variants)):
+        problems += [f"{where}: {name!r} cannot name a directory (use letters, digits, '_', '-', '.')"
+                     for name in names if not _DIR_NAME.match(name)]
+    problems += [f"tasks_set.{task}: {task!r} is not in axes.tasks" for task in grid.tasks_set
+                 if task not in grid.axes.tasks]
+    recipes = [("base", grid.base)] + [(f"variants.{n}.recipe", v.recipe) for n, v in grid.variants.items()]
+    problems += [f"{where}: recipe file not found: {(here / file).resolve()}" for where, file in recipes
+                 if file and not (here / file).is_file()]
+    if not grid.base:
+        problems += [f"variants.{n}: no recipe, and the grid has no base recipe" for n, v in grid.variants.items()
+                     if not v.recipe]
+    return problems
+
+
+def grid_cells(grid: Grid, here: Path) -> list[Cell]:
+    """Cells in a stable order: tasks, then variants (as written), then seeds."""
+    cells = []
+    for task in grid.axes.tasks:
+        for name, variant in grid.variants.items():
+            recipe = (here / (variant.recipe or grid.base)).resolve()
+            for seed in grid.axes.seeds:
+                overrides = [*grid.set, *grid.tasks_set.get(task, []), *variant.set,
+                             f"data.task={json.dumps(task)}", f"seed={seed}"]
+                cells.append({"task": task, "variant": name, "seed": seed, "recipe": str(recipe),
+                              "overrides": overrides, "dir": f"cells/{task}/{name}/seed{seed}",
+                              "status": "pending", "error": None, "wall_time_s": None})
+    return cells
+
+
+def cell_label(cell: Cell) -> str:
+    return f"{cell['task']}/{cell['variant']}/seed{cell['seed']}"
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", shard.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise KdframeError(f"--shard {shard!r}: expected I/N with 0 <= I < N, e.g. 0/2")
+    return int(match[1]), int(match[2])
+
+
+def state_file_name(shard: str | None) -> str:
+    if shard is None:
+        return STATE
+    index, count = parse_shard(shard)
+    return f"ablation.shard-{index}-of-{count}.json"
+
+
+def state_files(root: Path) -> list[Path]:
+    """Every state file in an ablation directory (one, or one per shard)."""
+    return sorted(p for p in root.glob("ablation*.json") if p.name == STATE or p.name.startswith("ablation.shard-"))
+
+
+# -- the state file -----------------------------------------------------------------------------
+
+class State:
+    """The state file: rewritten atomically after every change, so a kill leaves a readable one."""
+
+    def __init__(self, root: Path, name: str, data: dict[str, Any]):
+        self.root = root
+        self.name = name
+        self.data = data
+
+    @property
+    def cells(self) -> list[Cell]:
+        return self.data["cells"]
+
+    def update(self, cell: Cell, **fields: Any) -> None:
+        cell.update(fields)
+        RunDir(self.root).write_json(self.name, self.data)
+
+    @classmethod
+    def open(cls, root: Path, name: str, resume: bool, header: dict[str, Any], cells: list[Cell]) -> "State":
+        path = root / name
+        if resume:
+            if not path.is_file():
+                raise KdframeError(f"--resume: {root} holds no {name}; start the ablation without --resume")
+            try:
+                stored = {cell_label(c): c for c in json.loads(path.read_text())["cells"]}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise KdframeError(f"{path} cannot be read ({exc})") from None
+            changed = []
+            for cell in cells:
+                old = stored.get(cell_label(cell))
+                if old is None:
+                    continue  # a cell added to the grid since: it starts as pending
+                if (old["recipe"], old["overrides"]) != (cell["recipe"], cell["overrides"]):
+                    changed.append(cell_label(cell))
+                cell.update(status=old["status"], error=old.get("error"), wall_time_s=old.get("wall_time_s"))
+            if changed:
+                raise KdframeError(f"--resume {root}: the grid changed the recipe or overrides of {', '.join(changed)};"
+                                   " restore the grid or use a new --out")
+        elif path.exists() or (name == STATE and root.exists() and any(root.iterdir())):
+            # Shards may share a directory, so for them only their own state file counts.
+            raise KdframeError(f"--out {root} is not empty; add --resume to continue the ablation there,"
+                               " or choose another --out")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KdframeError(f"cannot create ablation directory {root}: {exc.strerror}") from None
+        state = cls(root, name, {**header, "cells": cells})
+        RunDir(root).write_json(name, state.data)
+        return state
+
+
+# -- one cell -----------------------------------------------------------------------------------
+
+def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[str, Any]:
+    """Run, resume or restart one cell; never raises: returns the fields to store for it.
+
+    Module level so that worker processes can run it; ``status`` comes back "pending" when the
+    cell was interrupted (it has a checkpoint, and --resume continues it).
+    """
+    from kdframe.engine import Interrupted, start_run
+
+    run_dir = Path(root) / cell["dir"]
+    started = time.monotonic()
+    try:
+        if (run_dir / SUMMARY).is_file():  # finished, but killed before the state file said so
+            summary = json.loads((run_dir / SUMMARY).read_text())
+        else:
+            resume = run_dir if (run_dir / CHECKPOINT).is_file() else None
+            if resume is None and run_dir.exists():
+                shutil.rmtree(run_dir)  # died before its first checkpoint: nothing worth keeping
+            summary = start_run(cell["recipe"], cell["overrides"], plugins, str(run_dir),
+                                str(resume) if resume else None, progress)
+    except (Interrupted, KeyboardInterrupt):
+        return {"status": "pending", "error": None, "wall_time_s": None}
+    except (KdframeError, RunFailed) as exc:
+        return {"status": "failed", "error": str(exc), "wall_time_s": round(time.monotonic() - started, 2)}
+    except Exception as exc:  # a crash in one cell must not stop the others
+        traceback.print_exc()
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "wall_time_s": round(time.monotonic() - started, 2)}
+    metric = summary["main_metric"]
+    student = summary["student"]
+    return {"status": "done", "error": None, "wall_time_s": round(time.monotonic() - started, 2),
+            "main_metric": metric, "best": (student["best"] or {}).get(metric),
+            "final": (student["final"] or {}).get(metric)}
+
+
+def _outcome_line(cell: Cell) -> str:
+    wall = f" in {cell['wall_time_s']:.0f}s" if cell["wall_time_s"] is not None else ""
+    if cell["status"] == "done":
+        best, final = (f"{v:.4f}" if v is not None else "-" for v in (cell["best"], cell["final"]))
+        return f"[green]done[/green]{wall}: {cell['main_metric']} best {best}, final {final}"
+    if cell["status"] == "failed":
+        return f"[red]failed[/red]{wall}: " + " ".join(cell["error"].split())
+    return "[yellow]interrupted[/yellow] (checkpointed)"
+
+
+def _teacher_to_cache(cell: Cell, registry: StrategyRegistry) -> Path | None:
+    """The cached-teacher file this cell would fine-tune and write, if any."""
+    from kdframe.engine import teacher_cache_path
+
+    try:
+        recipe, _ = load_recipe(cell["recipe"], cell["overrides"])
+    except KdframeError:
+        return None  # the cell fails when it runs, and is recorded like any failure
+    stages, problems = resolve_recipe(recipe, registry)
+    if problems or recipe.teacher.train is None or not any(s.needs_teacher(registry) for s in stages):
+        return None
+    return teacher_cache_path(recipe)
+
+
+def _init_worker(threads: int) -> None:
+    import signal
+
+    import torch
+
+    # Ctrl-C reaches every process in the group: idle workers ignore it (a KeyboardInterrupt would
+    # break the pool); a training worker's Trainer installs its own handler and checkpoints.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+
+
+# -- the ablation -------------------------------------------------------------------------------
+
+class Ablation:
+    def __init__(self, state: State, progress: str, plugins: list[str], say: Callable[[str], None]):
+        self.state = state
+        self.progress = progress
+        self.plugins = plugins
+        self.say = say
+        self.position = {id(c): k for k, c in enumerate(state.cells, 1)}
+
+    def tag(self, cell: Cell) -> str:
+        return f"cell {self.position[id(cell)]}/{len(self.state.cells)} [bold]{cell_label(cell)}[/bold]"
+
+    def start(self, cell: Cell) -> None:
+        resumed = (self.state.root / cell["dir"] / CHECKPOINT).is_file()
+        self.say(f"{self.tag(cell)} {'resuming from its checkpoint' if resumed else 'starting'}")
+        self.state.update(cell, status="running", error=None)
+
+    def finish(self, cell: Cell, outcome: dict[str, Any]) -> bool:
+        """Store a cell's outcome; False when it was interrupted."""
+        self.state.update(cell, **outcome)
+        self.say(f"{self.tag(cell)} {_outcome_line(cell)}")
+        return cell["status"] != "pending"
+
+    def run_serial(self, todo: list[Cell]) -> bool:
+        for cell in todo:
+            self.start(cell)
+            if not self.finish(cell, run_cell(cell, str(self.state.root), self.progress, self.plugins)):
+                return False
+        return True
+
+    def run_parallel(self, todo: list[Cell], jobs: int) -> bool:
+        from kdframe.plugins import load_plugins
+
+        registry = load_plugins(self.plugins).registry
+        first: dict[Path, Cell] = {}
+        for cell in todo:
+            target = _teacher_to_cache(cell, registry)
+            if target is not None and not target.exists():
+                first.setdefault(target, cell)
+        warmup = list(first.values())
+        rest = [c for c in todo if all(c is not w for w in warmup)]
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            # Cells that fine-tune a teacher first (different teachers in parallel), then the rest.
+            return self._drain(pool, warmup, jobs) and self._drain(pool, rest, jobs)
+
+    def _drain(self, pool: ProcessPoolExecutor, cells: list[Cell], jobs: int) -> bool:
+        """Keep up to ``jobs`` cells running; after Ctrl-C let the running ones checkpoint and stop."""
+        queue = list(cells)
+        running: dict[Future, Cell] = {}
+        complete = True
+        while queue or running:
+            while queue and complete and len(running) < jobs:
+                cell = queue.pop(0)
+                self.start(cell)
+                # Workers run quietly: several progress bars would interleave.
+                running[pool.submit(run_cell, cell, str(self.state.root), "off", self.plugins)] = cell
+            if not running:
+                break
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                complete = False
+                self.say("interrupt: waiting for the running cells to checkpoint and stop")
+                continue
+            for future in done:
+                cell = running.pop(future)
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # the worker process died (e.g. killed for memory)
+                    outcome = {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}",
+                               "wall_time_s": None}
+                complete = self.finish(cell, outcome) and complete
+        return complete
+
+
+def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progress: str,
+                 plugins: list[str], shard: str | None = None) -> int:
+    """Run every cell not done yet, then write the report; exit code 1 if any cell failed."""
+    from rich.console import Console
+
+    from kdframe.engine import Interrupted
+    from kdframe.report import write_report
+
+    if jobs < 1:
+        raise KdframeError(f"--jobs {jobs}: must be at least 1")
+    index, count = parse_shard(shard)
+    path = Path(grid_path)
+    grid = load_grid(path)
+    cells = [c for i, c in enumerate(grid_cells(grid, path.resolve().parent)) if i % count == index]
+    root = Path(out) if out else Path("runs") / f"ablation-{grid.name}"
+    header = {"grid": str(path.resolve()), "name": grid.name, "shard": shard}
+    state = State.open(root, state_file_name(shard), resume, header, cells)
+
+    console = Console(stderr=True, highlight=False)
+    ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
+    todo = [c for c in state.cells if c["status"] != "done"]
+    ablation.say(f"ablation {grid.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
+    finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
+    if not finished:
+        raise Interrupted(f"ablation interrupted; continue with: kdframe ablate {grid_path} --out {root} --resume"
+                          + (f" --shard {shard}" if shard else ""))
+    for written in write_report(root):
+        ablation.say(f"wrote {written}")
+    failed = [cell_label(c) for c in state.cells if c["status"] == "failed"]
+    if failed:
+        console.print(f"kdframe: {len(failed)} of {len(state.cells)} cells failed: {', '.join(failed)}"
+                      f" (errors in {root / state.name})")
+        return 1
+    return 0

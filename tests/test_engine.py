@@ -1,0 +1,97 @@
+"""End-to-end runs on tiny models: run directory contents, kill-and-resume equivalence, export."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = run_cli("run", SMOKE, "--out", str(out), "--progress", "off")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_run_directory_holds_everything(reference_run):
+    names = {p.name for p in reference_run.iterdir()}
+    assert {"recipe.resolved.toml", "env.json", "metrics.jsonl", "layer_weights.jsonl", "summary.json",
+            "checkpoint.pt", "student.pt", "teacher.pt"} <= names
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["main_metric"] == "f1"
+    assert set(summary["teacher"]["dev"]) == {"f1", "accuracy"}
+    assert summary["student"]["params"] < summary["teacher"]["params"]
+    records = read_jsonl(reference_run / "metrics.jsonl")
+    train = [r for r in records if r["stage"] == "distil" and "loss" in r]
+    evals = [r for r in records if r["stage"] == "distil" and r.get("split") == "dev"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert {"att", "hid", "emb", "pred", "lr"} <= set(train[0])
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+
+
+def test_logged_flows_have_the_logged_weights_as_marginals(reference_run):
+    for record in read_jsonl(reference_run / "layer_weights.jsonl"):
+        flow = torch.tensor(record["flow"], dtype=torch.float64)
+        assert torch.allclose(flow.sum(1), torch.tensor(record["student"], dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(flow.sum(0), torch.tensor(record["teacher"], dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("kill", ["step:5", "eval:4", "write:6"])
+def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, kill):
+    out = tmp_path / "run"
+    killed = run_cli("run", SMOKE, "--out", str(out), "--progress", "off", "-p", "kdframe_test_killer",
+                     env={"KDFRAME_TEST_KILL": kill})
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "summary.json").exists()
+    torch.load(out / "checkpoint.pt", weights_only=True)  # the previous checkpoint survived
+    resumed = run_cli("run", SMOKE, "--resume", str(out), "--progress", "off")
+    assert resumed.returncode == 0, resumed.stderr
+    expected = json.loads((reference_run / "summary.json").read_text())
+    got = json.loads((out / "summary.json").read_text())
+    assert got["student"]["best"] == expected["student"]["best"]
+    assert got["student"]["final"] == expected["student"]["final"]
+    want, have = (torch.load(d / "student.pt", weights_only=True) for d in (reference_run, out))
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    assert read_jsonl(out / "layer_weights.jsonl") == read_jsonl(reference_run / "layer_weights.jsonl")
+    distil = lambda d: [r for r in read_jsonl(d / "metrics.jsonl") if r["stage"] == "distil"]  # noqa: E731
+    assert distil(out) == distil(reference_run)
+
+
+def test_resume_refuses_a_run_of_another_recipe(reference_run):
+    result = run_cli("run", SMOKE, "--resume", str(reference_run), "--set", "stages[0].lr=0.5", "--progress", "off")
+    assert result.returncode == 2
+    assert "different recipe" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_on_a_non_empty_run_directory_is_refused(reference_run):
+    result = run_cli("run", SMOKE, "--out", str(reference_run), "--progress", "off")
+    assert result.returncode == 2 and "use --resume" in result.stderr
+
+
+def test_export_loads_without_kdframe(reference_run, tmp_path):
+    out = tmp_path / "exported"
+    result = run_cli("export", str(reference_run), str(out))
+    assert result.returncode == 0, result.stderr
+    code = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r})\n"
+        "assert not any(k.startswith('kdframe') for k in sys.modules)\n"
+        "assert not any('W_h' in k for k in m.state_dict())\n"
+        "print(m.config.num_hidden_layers, sum(p.numel() for p in m.parameters()))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    layers, params = loaded.stdout.split()
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert int(layers) == 2 and int(params) == summary["student"]["params"]

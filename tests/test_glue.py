@@ -1,0 +1,419 @@
+"""kdframe_glue: the task table, TSV and hub loading, the tokenisation cache and the metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import string
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pluggy
+import pytest
+from scipy import stats
+from transformers import BertTokenizerFast
+
+import kdframe_glue as glue
+from kdframe import hookspecs
+from kdframe.api import DataError, TaskInfo
+from kdframe.recipe import DataSpec
+from kdframe_glue.reading import read_tsv
+from kdframe_glue.tasks import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared/data/glue"
+needs_shared = pytest.mark.skipif(
+    not SHARED_GLUE.is_dir(), reason=f"the shared GLUE snapshot is not at {SHARED_GLUE} (../shared/data/glue)"
+)
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
+    """A tiny lowercase BERT WordPiece tokenizer: every word splits into letters and digits."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+              *(f"##{c}" for c in string.ascii_lowercase + string.digits), *string.punctuation]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return BertTokenizerFast.from_pretrained(str(folder))
+
+
+def load(task: str, split: str, tokenizer, cache: Path, glue_dir: Path | str = SHARED_GLUE, **data):
+    spec = DataSpec(task=task, glue_dir=str(glue_dir), **data)
+    return glue.kdframe_load_data(data=spec, task=glue.kdframe_task_info(task), split=split,
+                                  tokenizer=tokenizer, cache_dir=str(cache))
+
+
+def write(root: Path, relative: str, text: str, *, bom: bool = False, crlf: bool = False) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (text.replace("\n", "\r\n") if crlf else text).encode()
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + data)
+    return path
+
+
+def data_error(task: str, split: str, tokenizer, tmp_path: Path, **data) -> str:
+    with pytest.raises(DataError) as info:
+        load(task, split, tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", **data)
+    return str(info.value)
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+def test_task_table_follows_glue() -> None:
+    assert glue.kdframe_task_names() == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm",
+                                         "qnli", "rte", "wnli"]
+    main = {name: glue.kdframe_task_info(name).main_metric for name in glue.kdframe_task_names()}
+    assert main == {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "stsb": "spearman",
+                    "mnli": "accuracy", "mnli-mm": "accuracy", "qnli": "accuracy", "rte": "accuracy",
+                    "wnli": "accuracy"}
+    for name in main:
+        info = glue.kdframe_task_info(name)
+        assert info.main_metric in info.metrics and info.num_labels == (len(info.labels) or 1)
+    assert glue.kdframe_task_info("mrpc").metrics == ("f1", "accuracy")
+    stsb = glue.kdframe_task_info("stsb")
+    assert stsb.is_regression and stsb.metrics == ("pearson", "spearman")
+    # TSV label values in nyu-mll/glue ClassLabel id order.
+    assert glue.kdframe_task_info("rte").labels == ("entailment", "not_entailment")
+    assert glue.kdframe_task_info("mnli").labels == ("entailment", "neutral", "contradiction")
+    assert glue.kdframe_task_info("cola").labels == ("0", "1")
+    assert glue.kdframe_task_info("mnli").text_columns == ("premise", "hypothesis")
+
+
+def test_unknown_task_is_left_to_other_plugins(tokenizer, tmp_path: Path) -> None:
+    assert glue.kdframe_task_info("squad") is None
+    other = TaskInfo("squad", 2, ("accuracy",), "accuracy")
+    assert glue.kdframe_load_data(data=DataSpec(task="squad"), task=other, split="train",
+                                  tokenizer=tokenizer, cache_dir=str(tmp_path)) is None
+
+
+def test_hooks_match_the_hookspecs() -> None:
+    pm = pluggy.PluginManager("kdframe")
+    pm.add_hookspecs(hookspecs)
+    pm.register(glue)  # raises on a misspelt hook or argument
+    assert pm.hook.kdframe_task_info(name="rte").name == "rte"
+
+
+# -- the real GLUE files ------------------------------------------------------------------
+
+@needs_shared
+@pytest.mark.parametrize(("task", "split", "rows"), [
+    ("rte", "train", 2490), ("mrpc", "dev", 408), ("cola", "dev", 1043), ("stsb", "dev", 1500),
+    ("sst2", "dev", 872),
+])
+def test_real_split_sizes(task: str, split: str, rows: int, tokenizer, tmp_path: Path) -> None:
+    # A long max_length keeps this fast: the letter-level vocabulary makes RTE pairs very long, and
+    # longest_first truncation of a pair grows with how much it must cut.
+    loaded = load(task, split, tokenizer, tmp_path, max_length=512)
+    assert len(loaded) == len(loaded.token_type_ids) == len(loaded.labels) == rows
+    assert loaded.split == split and loaded.task.name == task
+    assert loaded.source == str(SHARED_GLUE / TASKS[task].folder / f"{split}.tsv")
+    assert all(ids[0] == tokenizer.cls_token_id and len(ids) <= 512 for ids in loaded.input_ids)
+    assert [len(t) for t in loaded.token_type_ids] == [len(ids) for ids in loaded.input_ids]
+    kinds = {type(y) for y in loaded.labels}
+    assert kinds == ({float} if task == "stsb" else {int})
+
+
+@needs_shared
+def test_mrpc_dev_labels_and_pairs(tokenizer, tmp_path: Path) -> None:
+    loaded = load("mrpc", "dev", tokenizer, tmp_path)
+    assert sum(loaded.labels) == 279
+    assert all(1 in types for types in loaded.token_type_ids)  # sentence pairs: segment 1 exists
+
+
+@needs_shared
+def test_stsb_scores_are_floats(tokenizer, tmp_path: Path) -> None:
+    scores = load("stsb", "dev", tokenizer, tmp_path).labels
+    assert scores[:2] == [5.0, 4.75] and min(scores) == 0.0 and max(scores) == 5.0
+
+
+@needs_shared
+def test_rte_keeps_leading_quotes() -> None:
+    examples = read_tsv(SHARED_GLUE / "RTE/train.tsv", TASKS["rte"])
+    assert len(examples.labels) == 2490
+    # Default CSV quoting would merge this row's fields; QUOTE_NONE keeps it verbatim.
+    assert examples.texts[0][2164].startswith("\"That film wasn't too successful, but then 'WarGames,'")
+    assert examples.texts[1][2164] == 'The film "WarGames" was shot in 1983.'
+    assert examples.labels[2164] == 1  # not_entailment
+
+
+def test_bundled_mrpc_is_the_documented_copy() -> None:
+    expected = {"train.tsv": "69abcedee3cf738c6ce58d772e43e1b7cdf5b4edee4aceda459c0d9f4e5599f3",
+                "dev.tsv": "9e8f284788040f7c9ecde2e1b3c07237c756f926bd9ef8548ef5d34b56f69f17"}
+    sources = (REPO / "data/glue/SOURCES.md").read_text(encoding="utf-8")
+    for name, sha in expected.items():
+        assert hashlib.sha256((REPO / "data/glue/MRPC" / name).read_bytes()).hexdigest() == sha
+        assert sha in sources
+
+
+def test_bundled_mrpc_loads(tokenizer, tmp_path: Path) -> None:
+    loaded = load("mrpc", "train", tokenizer, tmp_path, glue_dir=REPO / "data/glue", train_limit=10)
+    assert len(loaded) == 10
+
+
+# -- malformed data -----------------------------------------------------------------------
+
+def test_missing_file_names_layout_and_contents(tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    write(tmp_path, "glue/RTE/notes.txt", "")
+    message = data_error("rte", "train", tokenizer, tmp_path)
+    assert str(tmp_path / "glue/RTE/train.tsv") in message and "file not found" in message
+    assert "<glue_dir>/RTE/{train,dev}.tsv" in message and "holds: dev.tsv, notes.txt" in message
+
+
+def test_missing_task_folder_lists_glue_dir(tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/MRPC/dev.tsv", "")
+    message = data_error("mnli-mm", "dev", tokenizer, tmp_path)
+    assert "MNLI/dev_mismatched.tsv: file not found" in message
+    assert f"{tmp_path / 'glue'} holds: MRPC/" in message
+
+
+def test_wrong_column_count_names_line(tokenizer, tmp_path: Path) -> None:
+    path = write(tmp_path, "glue/RTE/train.tsv", RTE_HEADER + "0\ta\tb\tentailment\n1\ta b\tentailment\n")
+    message = data_error("rte", "train", tokenizer, tmp_path)
+    assert message == f"{path}:3: expected 4 tab-separated columns (as in the header), found 3"
+
+
+def test_cola_has_no_header(tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/CoLA/dev.tsv", "gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tcat the sat .\n")
+    assert load("cola", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue").labels == [1, 0]
+    path = write(tmp_path, "glue/CoLA/train.tsv", "gj04\t1\tthe cat sat .\n")
+    message = data_error("cola", "train", tokenizer, tmp_path)
+    assert message.startswith(f"{path}:1: expected 4 tab-separated columns (CoLA files have no header)")
+
+
+def test_unknown_label_lists_allowed(tokenizer, tmp_path: Path) -> None:
+    path = write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
+    message = data_error("rte", "dev", tokenizer, tmp_path)
+    assert message == f"{path}:3: column 4: unknown label 'maybe'; allowed: entailment, not_entailment"
+
+
+def test_unparsable_stsb_score(tokenizer, tmp_path: Path) -> None:
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    path = write(tmp_path, "glue/STS-B/dev.tsv", header + "0\tg\tf\ty\t0\tn\tn\ta\tb\tfive\n")
+    message = data_error("stsb", "dev", tokenizer, tmp_path)
+    assert message == f"{path}:2: column 10: score 'five' is not a number"
+
+
+@pytest.mark.parametrize("text", ["", RTE_HEADER, RTE_HEADER + "\n"])
+def test_empty_split(text: str, tokenizer, tmp_path: Path) -> None:
+    path = write(tmp_path, "glue/RTE/train.tsv", text)
+    assert data_error("rte", "train", tokenizer, tmp_path).startswith(f"{path}: the split is empty")
+
+
+def test_not_utf8(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "glue/RTE/dev.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(RTE_HEADER.encode() + b"0\tcaf\xe9\tb\tentailment\n")
+    assert data_error("rte", "dev", tokenizer, tmp_path).startswith(f"{path}: not UTF-8 text")
+
+
+def test_unknown_split(tokenizer, tmp_path: Path) -> None:
+    assert "unknown split 'test'" in data_error("rte", "test", tokenizer, tmp_path)
+
+
+def test_bom_and_crlf_are_tolerated(tokenizer, tmp_path: Path) -> None:
+    text = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\t\" quoted\tb\n0\t3\t4\tc\td\n"
+    write(tmp_path, "glue/MRPC/dev.tsv", text, bom=True, crlf=True)
+    loaded = load("mrpc", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
+    assert loaded.labels == [1, 0]
+    examples = read_tsv(tmp_path / "glue/MRPC/dev.tsv", TASKS["mrpc"])
+    assert examples.texts == (['" quoted', "c"], ["b", "d"])  # no \r left, quote kept
+
+
+def test_mnli_files_and_label_column(tokenizer, tmp_path: Path) -> None:
+    # Train rows end in gold_label after one annotator label; dev rows carry five, so columns differ.
+    head = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2"
+    train_row = "0\t1\t2\tg\t.\t.\t.\t.\ta\tb\tneutral\tneutral\n"
+    write(tmp_path, "glue/MNLI/train.tsv", head + "\tlabel1\tgold_label\n" + train_row)
+    labels = "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
+    row = "0\t1\t2\tg\t.\t.\t.\t.\ta\tb\tneutral\tneutral\tneutral\tneutral\tneutral\tcontradiction\n"
+    write(tmp_path, "glue/MNLI/dev_mismatched.tsv", head + labels + row)
+    assert load("mnli-mm", "train", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue").labels == [1]
+    dev = load("mnli-mm", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
+    assert dev.labels == [2] and dev.source.endswith("MNLI/dev_mismatched.tsv")
+
+
+def test_limits_keep_the_first_examples(tokenizer, tmp_path: Path) -> None:
+    rows = "".join(f"{i}\tw{i}\tx\t{'entailment' if i % 2 else 'not_entailment'}\n" for i in range(10))
+    write(tmp_path, "glue/RTE/train.tsv", RTE_HEADER + rows)
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + rows)
+    train = load("rte", "train", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", train_limit=3)
+    dev = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", train_limit=3)
+    assert train.labels == [1, 0, 1] and len(dev) == 10
+    assert tokenizer.convert_ids_to_tokens(train.input_ids[2])[:4] == ["[CLS]", "w", "##2", "[SEP]"]
+
+
+def test_truncation_without_padding(tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\tabcdefghij\tabc\tentailment\n1\ta\tb\tentailment\n")
+    loaded = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", max_length=8)
+    assert [len(ids) for ids in loaded.input_ids] == [8, 5]
+    assert loaded.token_type_ids[1] == [0, 0, 0, 1, 1]
+
+
+# -- the cache ----------------------------------------------------------------------------
+
+def cache_files(cache: Path) -> list[Path]:
+    return sorted((cache / "glue").iterdir())
+
+
+def test_cache_is_reused_and_keyed(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    cache = tmp_path / "cache"
+    first = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
+    assert [p.suffix for p in cache_files(cache)] == [".json"]  # no temp file left behind
+
+    def fail(*args):
+        raise AssertionError("parsed again despite the cache")
+
+    monkeypatch.setattr("kdframe_glue.loading.read_tsv", fail)
+    again = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
+    assert again.input_ids == first.input_ids and again.token_type_ids == first.token_type_ids
+    assert again.labels == first.labels
+    monkeypatch.undo()
+
+    load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue", max_length=4)
+    load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue", dev_limit=1)
+    path.write_text(RTE_HEADER + "0\ta\tb\tnot_entailment\n")  # the file changes: size/mtime key
+    assert load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue").labels == [1]
+    assert len(cache_files(cache)) == 4
+
+
+def test_cache_depends_on_the_vocabulary(tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\tab\tb\tentailment\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get) + ["ab"]
+    (other / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    bigger = BertTokenizerFast.from_pretrained(str(other))
+    plain = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
+    merged = load("rte", "dev", bigger, tmp_path / "cache", glue_dir=tmp_path / "glue")
+    assert len(merged.input_ids[0]) == len(plain.input_ids[0]) - 1
+
+
+@pytest.mark.parametrize("garbage", ["{not json", '{"input_ids": [[1]], "labels": []}', "[]"])
+def test_corrupt_cache_is_rebuilt(garbage: str, tokenizer, tmp_path: Path) -> None:
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    cache = tmp_path / "cache"
+    first = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
+    [file] = cache_files(cache)
+    file.write_text(garbage)
+    again = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
+    assert again.input_ids == first.input_ids and again.labels == [0]
+    assert file.read_text() != garbage
+
+
+def test_default_cache_dir_from_environment(tokenizer, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+    monkeypatch.setenv("KDFRAME_CACHE", str(tmp_path / "env-cache"))
+    spec = DataSpec(task="rte", glue_dir=str(tmp_path / "glue"))
+    glue.kdframe_load_data(data=spec, task=glue.kdframe_task_info("rte"), split="dev", tokenizer=tokenizer,
+                           cache_dir="")
+    assert len(cache_files(tmp_path / "env-cache")) == 1
+
+
+# -- the hub (offline: datasets.load_dataset is replaced by in-memory datasets) -------------
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch, columns: dict,
+             label: datasets.Value | datasets.ClassLabel) -> list:
+    calls: list = []
+    features = datasets.Features({**{name: datasets.Value("string") for name in columns if name != "label"},
+                                  "label": label})
+
+    def load_dataset(path: str, name: str, split: str) -> datasets.Dataset:
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict(columns, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_rte(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    columns = {"sentence1": ["a b", "c"], "sentence2": ["d", "e"], "idx": ["0", "1"], "label": [1, 0]}
+    calls = fake_hub(monkeypatch, columns, datasets.ClassLabel(names=["entailment", "not_entailment"]))
+    loaded = load("rte", "dev", tokenizer, tmp_path, glue_dir="")
+    assert calls == [("nyu-mll/glue", "rte", "validation")]
+    assert loaded.labels == [1, 0] and loaded.source == "nyu-mll/glue (rte, validation)"
+    assert tokenizer.convert_ids_to_tokens(loaded.input_ids[0]) == ["[CLS]", "a", "b", "[SEP]", "d", "[SEP]"]
+    assert load("rte", "dev", tokenizer, tmp_path, glue_dir="").labels == [1, 0]
+    assert len(calls) == 1  # served from the cache
+
+
+def test_hub_mnli_mismatched_and_stsb(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_hub(monkeypatch, {"premise": ["a"], "hypothesis": ["b"], "label": [2]},
+                     datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]))
+    assert load("mnli-mm", "dev", tokenizer, tmp_path, glue_dir="").labels == [2]
+    assert load("mnli-mm", "train", tokenizer, tmp_path, glue_dir="", train_limit=1).labels == [2]
+    assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched"), ("nyu-mll/glue", "mnli", "train")]
+    fake_hub(monkeypatch, {"sentence1": ["a"], "sentence2": ["b"], "label": [3.25]},
+             datasets.Value("float32"))
+    assert load("stsb", "train", tokenizer, tmp_path, glue_dir="").labels == [3.25]
+
+
+def test_hub_unlabelled_rows_are_rejected(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_hub(monkeypatch, {"sentence": ["a", "b"], "label": [0, -1]},
+             datasets.ClassLabel(names=["unacceptable", "acceptable"]))
+    expected = r"nyu-mll/glue \(cola, validation\): row 2 has label -1; expected 0\.\.1"
+    with pytest.raises(DataError, match=expected):
+        load("cola", "dev", tokenizer, tmp_path, glue_dir="")
+
+
+def test_hub_offline_suggests_glue_dir(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load("sst2", "train", tokenizer, tmp_path, glue_dir="")
+    message = str(info.value)
+    assert message.startswith("cannot load nyu-mll/glue (sst2, train): ConnectionError: Couldn't reach")
+    assert "set data.glue_dir" in message and "<glue_dir>/SST-2/train.tsv" in message
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+def metrics(task: str, predictions, labels) -> dict[str, float]:
+    info = glue.kdframe_task_info(task)
+    return glue.kdframe_compute_metrics(task=info, predictions=predictions, labels=labels)
+
+
+def test_accuracy_and_f1() -> None:
+    # tp=2, fp=1, fn=1, tn=1: F1 = 2*2 / (2*2 + 1 + 1)
+    result = metrics("mrpc", [1, 1, 0, 0, 1], [1, 1, 1, 0, 0])
+    assert result == {"f1": pytest.approx(4 / 6), "accuracy": pytest.approx(3 / 5)}
+    assert metrics("mrpc", [0, 0], [0, 0]) == {"f1": 0.0, "accuracy": 1.0}
+    assert metrics("rte", np.array([0, 1, 1]), np.array([0, 1, 0])) == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_matthews() -> None:
+    # tp=2, tn=1, fp=1, fn=1: (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2)
+    assert metrics("cola", [1, 1, 0, 0, 1], [1, 1, 1, 0, 0]) == {"matthews": pytest.approx(1 / 6)}
+    assert metrics("cola", [0, 1, 0, 1], [0, 1, 0, 1]) == {"matthews": pytest.approx(1.0)}
+    assert metrics("cola", [1, 0], [0, 1]) == {"matthews": pytest.approx(-1.0)}
+    assert metrics("cola", [1, 1, 1], [0, 1, 0]) == {"matthews": 0.0}  # zero denominator
+
+
+def test_correlations() -> None:
+    gold = [0.0, 1.5, 2.0, 4.0, 5.0]
+    pred = np.array([[0.3], [1.0], [2.5], [3.0], [5.5]])  # a regression head's (N, 1) output
+    result = metrics("stsb", pred, gold)
+    x, y = pred.ravel() - pred.mean(), np.array(gold) - np.mean(gold)
+    assert result["pearson"] == pytest.approx(float(x @ y / math.sqrt((x @ x) * (y @ y))))
+    assert result["pearson"] == pytest.approx(stats.pearsonr(pred.ravel(), gold).statistic)
+    assert result["spearman"] == pytest.approx(1.0)  # same ranks
+    ranked = metrics("stsb", [3.0, 1.0, 2.0], [1.0, 2.0, 3.0])["spearman"]
+    assert ranked == pytest.approx(stats.spearmanr([3, 1, 2], [1, 2, 3]).statistic) == pytest.approx(-0.5)
+    assert metrics("stsb", [2.0, 2.0, 2.0], gold[:3]) == {"pearson": 0.0, "spearman": 0.0}
+
+
+def test_metrics_for_other_tasks() -> None:
+    assert glue.kdframe_compute_metrics(task=TaskInfo("x", 2, ("bleu",), "bleu"), predictions=[1],
+                                        labels=[1]) is None
+    assert glue.kdframe_compute_metrics(task=TaskInfo("x", 2, ("accuracy",), "accuracy"), predictions=[1],
+                                        labels=[1]) == {"accuracy": 1.0}
+    with pytest.raises(ValueError, match="as many predictions as labels"):
+        metrics("rte", [1, 0], [1])
