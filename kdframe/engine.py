@@ -62,8 +62,9 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
             load_data: bool = True) -> Session:
     """Load plugins, the recipe, models and data; every problem is bad input (exit 2)."""
     host = load_plugins(plugin_args)
-    recipe, _ = load_recipe(recipe_path, list(overrides))
-    stages, problems = resolve_recipe(recipe, host.registry)
+    recipe, problems = load_recipe(recipe_path, list(overrides))
+    stages, found = resolve_recipe(recipe, host.registry)
+    problems += found
     teacher_stage = None
     if recipe.teacher.train is not None:
         teacher_stage, _ = resolve_stage(recipe.teacher.train, host.registry, "teacher.train")

@@ -158,7 +158,7 @@ def load_plugins(extra: Iterable[str] = (), objects: Iterable[Any] = ()) -> Plug
         pm.enable_tracing()
 
     registry = StrategyRegistry()
-    for impl in reversed(pm.hook.kdframe_register_strategies.get_hookimpls()):
+    for impl in pm.hook.kdframe_register_strategies.get_hookimpls():  # registration order: bundled first
         registry.current_plugin = impl.plugin_name
         impl.function(registry=registry)
     registry.current_plugin = "?"

@@ -349,18 +349,22 @@ def _anchor_paths(raw: dict[str, Any], base: Path) -> None:
             section[key] = str((base / value).resolve()) if table == "data" else _resolve_path(value, base)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
-    """Read, override and structure a recipe (strategy params stay raw; see ``resolve_stage``)."""
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, list[str]]:
+    """Read, override and structure a recipe (strategy params stay raw; see ``resolve_stage``).
+
+    Raises when the recipe cannot be structured at all; returns the problems (out-of-range
+    values) that still leave a recipe to check further, so all of them are reported together.
+    """
     path = Path(path)
     raw = read_with_extends(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     recipe, problems = structure(raw, Recipe)
-    if problems:
+    if recipe is None:
         raise RecipeError(problems, source=str(path.resolve()))
     if not recipe.stages:
-        raise RecipeError(["stages: at least one [[stages]] table is required"], source=str(path.resolve()))
-    return _resolve_paths(recipe, path.resolve().parent), raw
+        problems.append("stages: at least one [[stages]] table is required")
+    return _resolve_paths(recipe, path.resolve().parent), problems
 
 
 # -- strategies ---------------------------------------------------------------------------

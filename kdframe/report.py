@@ -131,9 +131,11 @@ def plot_flows(layers: list[dict[str, Any]], end: bool, title: str, path: Path) 
                ylabel="student layer", xticks=range(cols), xticklabels=range(1, cols + 1),
                yticks=range(rows), yticklabels=range(1, rows + 1))
         if rows * cols <= 72:  # small enough to print the values
+            high = max(map(max, flow)) * 0.6
             for i in range(rows):
                 for j in range(cols):
-                    ax.text(j, i, f"{flow[i][j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+                    ax.text(j, i, f"{flow[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if flow[i][j] > high else "white")
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -244,9 +246,11 @@ def _task_section(task: str, entries: list[tuple[dict[str, Any], Run]], root: Pa
                      str(len(runs)), _millions(params),
                      f"{params / teacher_params:.2f}" if params and teacher_params else "-",
                      f"{statistics.fmean(times):.1f}" if times else "-"])
-    teacher_score = _mean_std([t["dev"][metric] for t in teachers if metric in t.get("dev", {})])
+    # Cells share their task's teacher: count each distinct teacher score once.
+    teacher_scores = sorted({t["dev"][metric] for t in teachers if metric in t.get("dev", {})})
+    teacher_score = _mean_std(teacher_scores)
     if teacher_score is not None:
-        rows.append(["*teacher*", _cell_text(teacher_score), "", str(len(teachers)), _millions(teacher_params),
+        rows.append(["*teacher*", _cell_text(teacher_score), "", str(len(teacher_scores)), _millions(teacher_params),
                      "1.00", ""])
     header = ["variant", f"best dev {metric}", f"final dev {metric}", "n", "params", "params / teacher",
               "training time (s)"]

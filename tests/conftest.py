@@ -23,3 +23,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = dict(os.environ, PYTHONPATH=str(FIXTURES), **(env or {}))
     return subprocess.run([sys.executable, "-m", "kdframe.cli", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Call the kdframe CLI in-process (fast); returns returncode, stdout and stderr."""
+    from types import SimpleNamespace
+
+    from kdframe.cli import main
+
+    def call(*args: str, env: dict | None = None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        code = main(list(args))
+        captured = capsys.readouterr()
+        for key in env or {}:
+            monkeypatch.delenv(key)
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return call

@@ -1,0 +1,162 @@
+"""kdframe ablate on tiny models: the smoke grid, teacher reuse, kill and resume, failed cells, grid errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import FIXTURES, ROOT, run_cli
+from kdframe.cli import main
+
+RECIPES = ROOT / "recipes"
+
+
+def cache_env(tmp_path_factory):
+    # Module fixtures run before the autouse cache fixture: pass the session's cache explicitly.
+    return {"KDFRAME_CACHE": str(tmp_path_factory.getbasetemp() / "kdframe-cache")}
+
+
+def write_grid(path, variants, seeds=(1, 2)):
+    """A grid over recipes/smoke; ``variants`` maps a name to its TOML body lines."""
+    lines = [f'base = "{RECIPES / "smoke" / "emd.toml"}"', 'name = "test"', "[axes]", 'tasks = ["mrpc"]',
+             f"seeds = {list(seeds)}"]
+    for name, body in variants.items():
+        lines += [f"[variants.{name}]", *body]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def state_of(out):
+    return json.loads((out / "ablation.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke_ablation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation") / "smoke"
+    started = time.monotonic()
+    result = run_cli("ablate", str(RECIPES / "ablation_smoke.toml"), "--out", str(out), "--progress", "plain",
+                     env=cache_env(tmp_path_factory))
+    print(f"smoke grid: {time.monotonic() - started:.1f}s")
+    return result, out
+
+
+def test_smoke_grid_runs_every_cell_and_reports(smoke_ablation):
+    result, out = smoke_ablation
+    assert result.returncode == 0, result.stderr
+    assert "cell 14/14 mrpc/finetune/seed2" in result.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 14 and {r["status"] for r in rows} == {"done"}
+    assert {(r["variant"], r["seed"]) for r in rows} == {
+        (v, s) for v in ("emd", "emd-no-ca", "one-to-one", "uniform", "pkd", "kd", "finetune") for s in ("1", "2")}
+    assert {"best_f1", "final_accuracy", "teacher_f1", "student_params", "wall_time_s"} <= set(rows[0])
+    report = (out / "report.md").read_text()
+    assert "| emd | **" in report and "*teacher*" in report and "inflates" in report
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert {"mrpc_dev_curve.png", "mrpc_emd_flow_start.png", "mrpc_emd_flow_end.png",
+            "mrpc_emd_layer_weights.png", "mrpc_pkd_flow_end.png"} <= plots
+    assert not any(name.startswith(("mrpc_kd_", "mrpc_finetune_")) for name in plots)  # no flows logged
+
+
+def test_cells_of_a_task_share_the_cached_teacher(smoke_ablation):
+    _, out = smoke_ablation
+    summary = json.loads((out / "cells" / "mrpc" / "emd" / "seed2" / "summary.json").read_text())
+    assert summary["teacher"]["source"].startswith("cache ")
+    assert summary["seed"] == 2
+
+
+def test_report_on_a_single_run_dir(smoke_ablation):
+    from kdframe.report import write_report
+
+    _, out = smoke_ablation
+    run = out / "cells" / "mrpc" / "emd" / "seed1"
+    names = {p.name for p in write_report(run)}
+    assert names == {"dev_curve.png", "flow_start.png", "flow_end.png", "layer_weights.png", "report.md"}
+    assert all((run / "plots" / n).is_file() for n in names - {"report.md"})
+    assert "| distil | 8 |" in (run / "report.md").read_text()
+    # A run without layer weights, and one without a summary, still get what can be drawn.
+    assert {p.name for p in write_report(out / "cells" / "mrpc" / "kd" / "seed1")} == {"dev_curve.png", "report.md"}
+    partial = out / "cells" / "mrpc" / "uniform" / "seed1"
+    (partial / "summary.json").unlink()
+    assert "layer_weights.png" in {p.name for p in write_report(partial)}
+
+
+def test_killed_ablation_resumes_without_redoing_done_cells(tmp_path, tmp_path_factory):
+    grid = write_grid(tmp_path / "grid.toml", {"emd": [], "kd": [f'recipe = "{RECIPES / "smoke" / "kd.toml"}"']})
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cache_env(tmp_path_factory))
+    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
+                                "--progress", "off"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once a cell is done and the next one has checkpointed part of its training.
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "ablation.json").exists():
+                cells = state_of(out)["cells"]
+                running = [c for c in cells if c["status"] == "running"]
+                if any(c["status"] == "done" for c in cells) and running \
+                        and (out / running[0]["dir"] / "checkpoint.pt").exists():
+                    break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    cells = state_of(out)["cells"]
+    done = [c for c in cells if c["status"] == "done"]
+    assert done and any(c["status"] == "running" for c in cells), process.stderr.read()
+    stamps = {c["dir"]: (out / c["dir"] / "summary.json").stat().st_mtime_ns for c in done}
+    # A pending cell's half-written directory (no checkpoint) is cleared, not an error.
+    junk = out / cells[-1]["dir"] / "junk.txt"
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_text("left by a killed run")
+
+    refused = run_cli("ablate", str(grid), "--out", str(out), env=cache_env(tmp_path_factory))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    result = run_cli("ablate", str(grid), "--out", str(out), "--resume", "--progress", "plain",
+                     env=cache_env(tmp_path_factory))
+    assert result.returncode == 0, result.stderr
+    assert "resuming from its checkpoint" in result.stderr
+    assert {c["status"] for c in state_of(out)["cells"]} == {"done"}
+    assert {d: (out / d / "summary.json").stat().st_mtime_ns for d in stamps} == stamps
+    assert not junk.exists()
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
+
+
+def test_failed_cell_is_recorded_and_the_rest_complete_in_parallel(tmp_path):
+    grid = write_grid(tmp_path / "grid.toml", {
+        "kd": [f'recipe = "{RECIPES / "smoke" / "kd.toml"}"'],
+        "bad": ['set = ["stages[0].lr=-1.0"]'],
+    }, seeds=[1])
+    out = tmp_path / "out"
+    result = run_cli("ablate", str(grid), "--out", str(out), "--jobs", "2", "--progress", "plain")
+    assert result.returncode == 1, result.stderr
+    assert "1 of 2 cells failed: mrpc/bad/seed1" in " ".join(result.stderr.split())
+    status = {c["variant"]: c for c in state_of(out)["cells"]}
+    assert status["kd"]["status"] == "done"
+    assert status["bad"]["status"] == "failed" and "stages[0].lr: must be > 0" in status["bad"]["error"]
+    rows = {r["variant"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["bad"]["status"] == "failed" and "stages[0].lr" in rows["bad"]["error"] and rows["bad"]["best"] == ""
+    assert "## Failed cells" in (out / "report.md").read_text()
+
+
+def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('nam = "x"\n[axes]\ntasks = ["mrpc"]\nseeds = [1]\n[variants.emd]\nsett = ["a=1"]\n')
+    assert main(["ablate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "(top level): unknown key 'nam'" in err and "unknown key 'sett'; allowed: recipe, set" in err
+
+    bad.write_text('base = "missing.toml"\n[axes]\ntasks = ["mrpc", "mrpc"]\nseeds = []\n'
+                   '[tasks_set]\nrte = ["data.glue_dir=x"]\n[variants.emd]\n')
+    assert main(["ablate", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for problem in ("axes.tasks: 'mrpc' is listed twice", "axes.seeds: give at least one",
+                    "tasks_set.rte: 'rte' is not in axes.tasks", "base: recipe file not found"):
+        assert problem in err
+    assert not (tmp_path / "out").exists()
+    assert main(["ablate", str(RECIPES / "ablation_smoke.toml"), "--shard", "2/2"]) == 2

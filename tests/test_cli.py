@@ -1,0 +1,106 @@
+"""The kdframe command as a user meets it: plugins, validate, -p, exit codes and messages."""
+
+import pytest
+
+from conftest import ROOT
+
+SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
+BUNDLED = ["cost_attention", "costs", "emd", "glue", "hf", "losses", "pkd", "tinybert"]
+
+
+def assert_bad_input(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_plugins_lists_every_bundled_plugin_with_its_strategies(cli):
+    result = cli("plugins")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
+    for name in BUNDLED:
+        assert name in rows and "bundled" in rows[name]
+    assert "mapping:emd" in rows["emd"] and "mapping:uniform" in rows["emd"]
+    assert "weighting:cost-attention" in rows["cost_attention"]
+
+
+def test_validate_smoke_recipe_prints_resolved_recipe_and_plan(cli):
+    result = cli("validate", SMOKE)
+    assert result.returncode == 0, result.stderr
+    assert "Resolved recipe" in result.stdout and "recipe is valid" in result.stdout
+    assert "initial att flow" in result.stdout and "initial hid flow" in result.stdout
+    assert "stage 'distil': mapping emd, weighting cost-attention" in result.stdout
+
+
+def test_misspelled_key_names_its_path_and_allowed_keys(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'extends = "{SMOKE}"\n[data]\nmax_lenght = 3\n')
+    result = cli("validate", str(recipe))
+    assert_bad_input(result, "data: unknown key 'max_lenght'; allowed: task, glue_dir, max_length")
+
+
+def test_wrong_type_names_its_path(cli):
+    result = cli("validate", SMOKE, "--set", 'stages[0].lr="fast"')
+    assert_bad_input(result, "stages[0].lr: expected float")
+
+
+def test_unknown_strategy_lists_the_known_ones(cli):
+    result = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=emdd")
+    assert_bad_input(result, "stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform")
+
+
+def test_all_problems_are_reported_together(cli):
+    result = cli("validate", SMOKE, "--set", "stages[0].lr=-1", "--set", "data.task=nope",
+                     "--set", "stages[0].weighting.normalize=max")
+    assert_bad_input(result, "stages[0].lr: must be > 0", "data.task: unknown task 'nope'; known: cola",
+                     "stages[0].weighting.normalize: must be one of 'sum', 'softmax'")
+
+
+def test_debug_shows_a_traceback(cli):
+    result = cli("validate", SMOKE, "--set", "stages[0].lr=-1", "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_p_plugin_adds_a_mapping_that_validate_accepts(cli):
+    listed = cli("plugins", "-p", "kdframe_test_reverse")
+    assert "mapping:reverse" in listed.stdout and "-p" in listed.stdout
+    result = cli("validate", SMOKE, "-p", "kdframe_test_reverse", "--set", "stages[0].mapping.strategy=reverse",
+                     "--set", "stages[0].weighting.strategy=uniform")
+    assert result.returncode == 0, result.stderr
+    assert "mapping reverse" in result.stdout
+    without = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=reverse")
+    assert_bad_input(without, "unknown mapping strategy 'reverse'")
+
+
+def test_p_no_blocks_a_bundled_plugin(cli):
+    listed = cli("plugins", "-p", "no:emd")
+    assert listed.returncode == 0
+    assert "mapping:emd" not in listed.stdout and "cost_attention" in listed.stdout
+    result = cli("validate", SMOKE, "-p", "no:emd")
+    assert_bad_input(result, "unknown mapping strategy 'emd'; known: one-to-one, pkd")
+
+
+def test_autoload_off_still_loads_bundled_plugins(cli):
+    result = cli("plugins", env={"KDFRAME_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert result.returncode == 0 and "mapping:emd" in result.stdout
+
+
+@pytest.mark.parametrize("module, fragment", [
+    ("kdframe_test_misspelled", "kdframe_layer_maping"),
+    ("kdframe_test_broken_import", "failed to import: RuntimeError: this plugin is broken on purpose"),
+    ("kdframe_test_taken", "registers mapping strategy 'emd', which plugin 'emd' already registered"),
+    ("kdframe_no_such_module", "kdframe_no_such_module"),
+])
+def test_bad_plugins_are_bad_input(cli, module, fragment):
+    assert_bad_input(cli("plugins", "-p", module), fragment)
+
+
+def test_trace_hooks_prints_hook_calls(cli):
+    result = cli("plugins", env={"KDFRAME_TRACE_HOOKS": "1"})
+    assert result.returncode == 0 and "kdframe_" in result.stderr
+
+
+def test_usage_errors_exit_2(cli):
+    assert cli("frobnicate").returncode == 2
+    assert cli("run").returncode == 2
