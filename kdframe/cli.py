@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kdframe.engine import start_run
 
-    summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress)
+    summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress, vars(args))
     from rich.console import Console
 
     student = summary["student"]

@@ -192,11 +192,12 @@ def teacher_cache_path(recipe: Recipe) -> Path:
 # -- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, session: Session, run_dir: RunDir, progress: Progress):
+    def __init__(self, session: Session, run_dir: RunDir, progress: Progress, options: dict[str, Any] | None = None):
         from accelerate import Accelerator
 
         recipe = session.recipe
         self.session = session
+        self.options = options or {}  # parsed command-line options, plugins' own included
         self.host = session.host
         self.run_dir = run_dir
         self.progress = progress
@@ -504,7 +505,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], out: str | None,
-              resume: str | None, progress: str) -> dict[str, Any]:
+              resume: str | None, progress: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     session = prepare(recipe_path, overrides, plugin_args)
     text = session.resolved_toml()
     if resume:
@@ -512,7 +513,7 @@ def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], ou
     else:
         default = Path("runs") / f"{session.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = RunDir.create(Path(out) if out else default, text)
-    trainer = Trainer(session, run_dir, Progress(progress))
+    trainer = Trainer(session, run_dir, Progress(progress), options)
     run_dir.write_env(session.recipe.seed, str(trainer.device),
                       [attrs.asdict(info) for info in session.host.infos])
     trainer.progress.message(f"run directory: {run_dir.path.resolve()}")

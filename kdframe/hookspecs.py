@@ -44,7 +44,8 @@ def kdframe_register_strategies(registry: StrategyRegistry) -> None:
 def kdframe_add_cli_options(parser: argparse.ArgumentParser) -> None:
     """Add options to the ``kdframe run`` and ``kdframe validate`` parsers.
 
-    Called while the command line is built. Options appear under the plugin's own group.
+    Called while the command line is built. Use a prefix for option names (``--sinkhorn-x``);
+    the parsed values reach ``kdframe_run_start`` as ``run.options`` (a dict).
     """
 
 
