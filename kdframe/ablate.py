@@ -207,7 +207,7 @@ class State:
                     continue  # a cell added to the grid since: it starts as pending
                 if (old["recipe"], old["overrides"]) != (cell["recipe"], cell["overrides"]):
                     changed.append(cell_label(cell))
-                cell.update(status=old["status"], error=old.get("error"), wall_time_s=old.get("wall_time_s"))
+                cell.update(old)  # its status and outcome so far
             if changed:
                 raise KdframeError(f"--resume {root}: the grid changed the recipe or overrides of {', '.join(changed)};"
                                    " restore the grid or use a new --out")
@@ -261,12 +261,14 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
 
 
 def _outcome_line(cell: Cell) -> str:
+    from rich.markup import escape
+
     wall = f" in {cell['wall_time_s']:.0f}s" if cell["wall_time_s"] is not None else ""
     if cell["status"] == "done":
         best, final = (f"{v:.4f}" if v is not None else "-" for v in (cell["best"], cell["final"]))
         return f"[green]done[/green]{wall}: {cell['main_metric']} best {best}, final {final}"
     if cell["status"] == "failed":
-        return f"[red]failed[/red]{wall}: " + " ".join(cell["error"].split())
+        return f"[red]failed[/red]{wall}: " + escape(" ".join(cell["error"].split()))
     return "[yellow]interrupted[/yellow] (checkpointed)"
 
 
@@ -298,6 +300,8 @@ def _init_worker(threads: int) -> None:
 # -- the ablation -------------------------------------------------------------------------------
 
 class Ablation:
+    """Runs the cells not done yet, serially in this process or in worker processes."""
+
     def __init__(self, state: State, progress: str, plugins: list[str], say: Callable[[str], None]):
         self.state = state
         self.progress = progress
@@ -394,7 +398,7 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     console = Console(stderr=True, highlight=False)
     ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
     todo = [c for c in state.cells if c["status"] != "done"]
-    ablation.say(f"ablation {grid.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
+    ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
     finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
     if not finished:
         raise Interrupted(f"ablation interrupted; continue with: kdframe ablate {grid_path} --out {root} --resume"

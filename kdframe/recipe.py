@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import attrs
 import cattrs
+from cattrs.cols import list_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 
 from kdframe.errors import RecipeError
@@ -103,6 +104,21 @@ class DataSpec:
 
 
 @attrs.frozen
+class TeacherCacheSpec:
+    """``[teacher_cache]``: reuse the frozen teacher's features per example (kdframe.teacher_cache).
+
+    ``dtype`` is the storage dtype: fp32 reproduces a live forward (to float rounding); bf16 and
+    fp16 halve the memory at a relative error of about 4e-3 / 5e-4 per value. ``storage = "disk"``
+    keeps them under ``<cache>/teacher-features/<key>/`` for later runs and ablation cells.
+    """
+
+    enabled: bool = False
+    max_bytes: int = bounded(4_000_000_000, ge=0)  # past this, the rest is computed live
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    storage: Literal["memory", "disk"] = "memory"
+
+
+@attrs.frozen
 class Recipe:
     data: DataSpec
     teacher: TeacherSpec
@@ -112,6 +128,7 @@ class Recipe:
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    teacher_cache: TeacherCacheSpec = attrs.Factory(TeacherCacheSpec)
 
 
 # -- structuring ------------------------------------------------------------------------
@@ -141,11 +158,39 @@ def _converter() -> cattrs.Converter:
             raise TypeError(f"'weight' must be a number, got {weight!r}")
         return LossChoice(float(weight), params)
 
+    # Strict scalars: cattrs' defaults call int()/float()/bool()/str(), which would turn
+    # seed = 1.5 into 1, epochs = true into 1 and t2 = "false" into True without a word.
+    def strict(kind: type, accepts: tuple[type, ...]) -> None:
+        def structure(value: Any, _: type) -> Any:
+            if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepts):
+                raise TypeError(f"expected {kind.__name__}")
+            return kind(value)
+        conv.register_structure_hook(kind, structure)
+
+    strict(int, (int,))
+    strict(float, (int, float))
+    strict(bool, (bool,))
+    strict(str, (str,))
+    def list_factory(type_: Any, conv_: cattrs.Converter) -> Any:
+        structure_items = list_structure_factory(type_, conv_)
+
+        def structure_list(value: Any, t: Any) -> Any:
+            # cattrs would turn a string into a list of its characters: seeds = "12" -> [1, 2]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"expected a list, got {value!r}")
+            return structure_items(value, t)
+
+        return structure_list
+
+    conv.register_structure_hook_factory(lambda t: typing.get_origin(t) is list, list_factory)
     conv.register_structure_hook(StrategyChoice, structure_choice)
     conv.register_structure_hook(LossChoice, structure_loss)
     # Unstructure back to the flat table form a recipe is written in.
     conv.register_unstructure_hook(StrategyChoice, lambda c: {"strategy": c.strategy, **c.params})
     conv.register_unstructure_hook(LossChoice, lambda c: {"weight": c.weight, **c.params})
+    # Left out of resolved recipes while at its default, so runs made before it existed still resume.
+    conv.register_unstructure_hook(Recipe, cattrs.gen.make_dict_unstructure_fn(
+        Recipe, conv, teacher_cache=cattrs.gen.override(omit_if_default=True)))
     return conv
 
 
@@ -409,7 +454,7 @@ def resolve_stage(stage: Stage, registry: StrategyRegistry, path: str) -> tuple[
             losses[name] = selected
     if not stage.losses or (not losses and not problems):
         problems.append(f"{path}.losses: no loss term has a non-zero weight; known terms: {', '.join(registry.names('loss'))}")
-    if weighting and not mapping:
+    if stage.weighting is not None and stage.mapping is None:  # not when the mapping is given but invalid
         problems.append(f"{path}.weighting: a weighting needs a mapping; set {path}.mapping")
     return ResolvedStage(stage, mapping, weighting, losses), problems
 

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 from matplotlib.figure import Figure
 
-from kdframe.ablate import cell_label, state_files
+from kdframe.ablate import SUMMARY, cell_label, state_files
 from kdframe.engine import TEACHER, iter_records
 from kdframe.errors import KdframeError
 from kdframe.rundir import RunDir
@@ -50,7 +50,7 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> "Run":
-        return cls(path, _read_json(path / "summary.json"), list(iter_records(path / "metrics.jsonl")),
+        return cls(path, _read_json(path / SUMMARY), list(iter_records(path / "metrics.jsonl")),
                    [r for r in iter_records(path / "layer_weights.jsonl") if r.get("flow")])
 
     def student(self, part: str) -> dict[str, float]:
@@ -347,7 +347,7 @@ def write_report(directory: str | Path) -> list[Path]:
     files = state_files(root)
     if files:
         return _ablation_report(root, files)
-    if (root / "summary.json").is_file() or (root / "metrics.jsonl").is_file():
+    if (root / SUMMARY).is_file() or (root / "metrics.jsonl").is_file():
         return _run_report(root)
     raise KdframeError(f"{root} is neither an ablation directory (no ablation.json) nor a run directory"
                        " (no summary.json or metrics.jsonl)")

@@ -115,7 +115,13 @@ def test_strategy_params_structured_into_their_class(kdframe_host):
                for p in problems)
 
 
-def test_unknown_mapping_lists_known_ones(kdframe_host):
+def test_lists_are_not_built_from_strings():
+    problems = problems_of({**BASE, "student": {"init": "teacher-layers", "layers": "12"}})
+    assert problems == ["student.layers: expected a list, got '12'"]
+
+
+def test_unknown_mapping_lists_known_ones(make_host):
+    host = make_host(blocked=("sinkhorn",))  # the example plugin, when installed
     recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emdd"}, "losses": {"pred": 1.0}}]}, Recipe)
-    _, problems = resolve_recipe(recipe, kdframe_host.registry)
+    _, problems = resolve_recipe(recipe, host.registry)
     assert problems == ["stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform"]
