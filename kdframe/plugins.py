@@ -136,8 +136,8 @@ def load_plugins(extra: Iterable[str] = (), objects: Iterable[Any] = ()) -> Plug
     for module_name in extra:
         if module_name.startswith("no:") or module_name in blocked:
             continue
-        if pm.get_plugin(module_name) is not None:
-            continue
+        if any(info.module == module_name for info in infos):
+            continue  # already loaded (an installed plugin named again with -p)
         module = _import_plugin(module_name, f"{module_name!r} (-p)")
         _register(pm, module, module_name)
         infos.append(PluginInfo(module_name, module_name, _version_of(module_name), "-p"))

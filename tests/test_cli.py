@@ -46,7 +46,7 @@ def test_wrong_type_names_its_path(cli):
 
 
 def test_unknown_strategy_lists_the_known_ones(cli):
-    result = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=emdd")
+    result = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=emdd", "-p", "no:sinkhorn")
     assert_bad_input(result, "stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform")
 
 
@@ -77,7 +77,7 @@ def test_p_no_blocks_a_bundled_plugin(cli):
     listed = cli("plugins", "-p", "no:emd")
     assert listed.returncode == 0
     assert "mapping:emd" not in listed.stdout and "cost_attention" in listed.stdout
-    result = cli("validate", SMOKE, "-p", "no:emd")
+    result = cli("validate", SMOKE, "-p", "no:emd", "-p", "no:sinkhorn")
     assert_bad_input(result, "unknown mapping strategy 'emd'; known: one-to-one, pkd")
 
 
@@ -104,3 +104,9 @@ def test_trace_hooks_prints_hook_calls(cli):
 def test_usage_errors_exit_2(cli):
     assert cli("frobnicate").returncode == 2
     assert cli("run").returncode == 2
+
+
+def test_p_naming_an_installed_plugin_is_harmless(cli):
+    result = cli("plugins", "-p", "kdframe_emd")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("mapping:emd") == 1

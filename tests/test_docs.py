@@ -1,0 +1,75 @@
+"""The docs keep up with the code: a section per hook, every recipe field and bundled strategy
+param in the recipe reference, generated files fresh, relative links alive."""
+
+import re
+import typing
+
+import attrs
+import pytest
+
+from conftest import ROOT
+from kdframe import docgen, hookspecs
+from kdframe.recipe import Recipe
+
+DOCS = ROOT / "docs"
+RECIPES = (DOCS / "recipes.md").read_text()
+REGENERATE = "run `python -m kdframe.docgen` from the repository root"
+
+
+def reachable_fields(cls: type, prefix: str = "") -> typing.Iterator[str]:
+    """Paths of every attrs field reachable from ``cls`` (``[]`` for list items, ``<name>`` for
+    table keys), walked independently of the generator so that a field it skips is caught."""
+    hints = typing.get_type_hints(cls)
+    for field in attrs.fields(cls):
+        path = prefix + field.name
+        yield path
+        tp = hints[field.name]
+        step = {list: "[]", dict: ".<name>"}.get(typing.get_origin(tp), "")
+        for inner in (tp, *typing.get_args(tp)):
+            if attrs.has(inner):
+                yield from reachable_fields(inner, f"{path}{step}.")
+
+
+def test_every_hook_has_a_section():
+    hooks = (DOCS / "hooks.md").read_text()
+    names = [name for name in vars(hookspecs) if name.startswith("kdframe_")]
+    assert len(names) > 20
+    missing = [name for name in names if f"\n## {name}\n" not in hooks]
+    assert not missing, f"docs/hooks.md has no section for {missing}; {REGENERATE}"
+
+
+def test_every_recipe_field_is_documented():
+    paths = list(reachable_fields(Recipe))
+    assert "stages[].losses.<name>.weight" in paths and "teacher.train.lr" in paths
+    missing = [path for path in paths if f"`{path}`" not in RECIPES]
+    assert not missing, f"docs/recipes.md lacks {missing}; {REGENERATE}"
+
+
+@pytest.mark.parametrize("strategy", docgen.bundled_strategies(), ids=lambda s: f"{s.slot}:{s.name}")
+def test_every_bundled_strategy_param_is_documented(strategy):
+    heading = f"\n### {strategy.slot} `{strategy.name}`\n"
+    assert heading in RECIPES, f"docs/recipes.md has no section for {strategy.slot} {strategy.name!r}; {REGENERATE}"
+    section = RECIPES.split(heading, 1)[1].split("\n### ", 1)[0]
+    missing = [f.name for f in attrs.fields(strategy.params)
+               if f"`{docgen.strategy_param_path(strategy, f.name)}`" not in section]
+    assert not missing, f"docs/recipes.md: {strategy.slot} {strategy.name!r} lacks params {missing}; {REGENERATE}"
+
+
+@pytest.mark.parametrize("name", sorted(docgen.GENERATED))
+def test_generated_docs_are_fresh(name):
+    assert (DOCS / name).read_text() == docgen.GENERATED[name](), f"docs/{name} is stale; {REGENERATE}"
+
+
+def test_docgen_check_and_write(tmp_path, capsys):
+    assert docgen.main(["--docs", str(tmp_path), "--check"]) == 1 and not any(tmp_path.iterdir())
+    assert docgen.main(["--docs", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(docgen.GENERATED)
+    assert docgen.main(["--docs", str(tmp_path), "--check"]) == 0
+
+
+@pytest.mark.parametrize("name", ["guide.md", "recipes.md", "hooks.md", "writing-plugins.md", "lifecycle.md"])
+def test_relative_links_resolve(name):
+    text = (DOCS / name).read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    broken = [t for t in targets if not t.startswith(("http://", "https://")) and not (DOCS / t).exists()]
+    assert not broken, f"docs/{name} links to missing {broken}"
