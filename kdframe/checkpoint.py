@@ -35,7 +35,10 @@ def load(path: Path) -> Any:
     except FileNotFoundError:
         raise KdframeError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # torn or foreign file: bad input, not a crash
-        raise KdframeError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
+        # torch's own text runs to many lines and suggests weights_only=False: keep its first sentence.
+        reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+        raise KdframeError(f"checkpoint {path} cannot be loaded: it is truncated, corrupt or not a kdframe"
+                           f" checkpoint (tensors and plain data only) ({type(exc).__name__}: {reason})") from None
 
 
 def rng_state() -> dict[str, Any]:

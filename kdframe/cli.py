@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kdframe.engine import start_run
 
+    if args.resume and args.out:
+        raise KdframeError("--out and --resume cannot be used together: --resume DIR continues the run in DIR")
     summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress, vars(args))
     from rich.console import Console
 

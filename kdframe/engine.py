@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from kdframe.plugins import PluginHost, load_plugins
 from kdframe.progress import Progress
 from kdframe.recipe import Recipe, ResolvedStage, load_recipe, resolve_recipe, resolve_stage, to_plain
 from kdframe.rundir import RunDir, recipe_toml
+from kdframe.teacher_cache import TeacherCache, open_teacher_cache
 from kdframe.types import Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
 
 TEACHER = "teacher"
@@ -168,6 +170,18 @@ def uniform_weights(m: int, n: int, device: torch.device) -> tuple[torch.Tensor,
     return torch.full((m,), 1.0 / m, device=device), torch.full((n,), 1.0 / n, device=device)
 
 
+def check_flow(host: PluginHost, ctx: StageContext, kind: str, flow: Any, cost: torch.Tensor) -> None:
+    """A mapping must return an M x N tensor for an M x N cost; else name the strategy and its plugin."""
+    if isinstance(flow, torch.Tensor) and flow.shape == cost.shape:
+        return
+    name = ctx.mapping.name if ctx.mapping else "(none)"
+    plugin = host.registry.get("mapping", name).plugin if ctx.mapping else "?"
+    got = f"a flow of shape {tuple(flow.shape)}" if isinstance(flow, torch.Tensor) else f"a {type(flow).__name__}"
+    where = f"stages[{ctx.stage_index}]: " if ctx.stage_index >= 0 else "teacher.train: "
+    raise PluginError(f"{where}mapping {name!r} (plugin {plugin!r}) returned {got} for cost {kind!r};"
+                      f" expected shape {tuple(cost.shape)} (student x teacher layers)")
+
+
 def teacher_cache_key(recipe: Recipe) -> str:
     """A fine-tuned teacher depends on its spec, its training stage, the data and precision."""
     plain = to_plain(recipe)
@@ -194,6 +208,7 @@ def teacher_cache_path(recipe: Recipe) -> Path:
 class Trainer:
     def __init__(self, session: Session, run_dir: RunDir, progress: Progress, options: dict[str, Any] | None = None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         recipe = session.recipe
         self.session = session
@@ -202,6 +217,7 @@ class Trainer:
         self.run_dir = run_dir
         self.progress = progress
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
+        AcceleratorState._reset_state(True)  # a process may run recipes of other precisions (ablation cells)
         self.accelerator = Accelerator(cpu=recipe.device == "cpu", mixed_precision=mixed)
         self.device = self.accelerator.device
         self.stop_requested = False
@@ -221,7 +237,9 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self.host.call("kdframe_run_start", run=self)
-            summary: dict[str, Any] = {"task": s.task.name, "seed": s.recipe.seed, "stages": {}}
+            # Summaries of stages finished before an interruption come back from the checkpoint.
+            self.stage_summaries = dict(state.get("summaries", {})) if state is not None else {}
+            summary: dict[str, Any] = {"task": s.task.name, "seed": s.recipe.seed, "stages": self.stage_summaries}
             if s.needs_teacher:
                 summary["teacher"] = self.prepare_teacher(state)
             if state is not None and state.get("stage") != TEACHER:
@@ -281,7 +299,9 @@ class Trainer:
             checkpoint.save_atomic(teacher.model.state_dict(), self.run_dir.teacher)
         teacher.model.to(self.device).eval()
         metrics = self.evaluate(teacher)
-        self.run_dir.append_jsonl("metrics.jsonl", {"stage": TEACHER, "split": "dev", "step": -1, "kind": "teacher", **metrics})
+        if not any(r.get("kind") == "teacher" for r in iter_records(self.run_dir.path / "metrics.jsonl")):
+            self.run_dir.append_jsonl("metrics.jsonl", {"stage": TEACHER, "split": "dev", "step": -1, "kind": "teacher",
+                                                        **metrics})
         self.progress.message(f"teacher ({source}): {self.format_metrics(metrics)}")
         return {"description": teacher.description, "params": count_parameters(teacher.model), "dev": metrics,
                 "source": source}
@@ -324,10 +344,15 @@ class Trainer:
         model = student.model.to(self.device)
         if teacher is not None:
             teacher.model.to(self.device).eval()
+        # Per-example teacher features, computed once (recipe [teacher_cache]); None when off.
+        cache = open_teacher_cache(s.recipe, teacher, s.train, s.student.tokenizer, needs,
+                                   lambda b: self.features("teacher", teacher, b, needs)) if teacher is not None else None
         extra = self.host.merged("kdframe_extra_parameters", ctx=ctx)
         for module in extra.values():
             module.to(self.device)
-        optimizer = torch.optim.AdamW(param_groups([model, *extra.values()], stage.weight_decay), lr=stage.lr)
+        # Prepared by accelerate so fp16 loss scaling is unscaled before clipping and overflowing steps are skipped.
+        optimizer = self.accelerator.prepare_optimizer(
+            torch.optim.AdamW(param_groups([model, *extra.values()], stage.weight_decay), lr=stage.lr))
         steps_per_epoch = math.ceil(len(s.train) / stage.batch_size)
         total = stage.max_steps if stage.max_steps else stage.epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage.schedule, stage.warmup_ratio, total))
@@ -343,21 +368,21 @@ class Trainer:
             scheduler.load_state_dict(resume_state["scheduler"])
             weights = {k: (v[0].to(self.device), v[1].to(self.device)) for k, v in resume_state["weights"].items()}
             pos.update(resume_state["position"])
+            ctx.step = pos["step"]  # plugins see the resumed step, as in an unbroken run
             self.host.call("kdframe_load_state_dict", ctx=ctx, state=resume_state["plugins"])
             checkpoint.set_rng_state(resume_state["rng"])
             self.run_dir.truncate_logs_after(key, pos["step"])
             self.progress.message(f"[{key}] resuming at step {pos['step']}/{total}")
 
         def save_checkpoint() -> None:
-            plugin_state: dict[str, Any] = {}
-            for part in self.host.call("kdframe_state_dict", ctx=ctx):
-                plugin_state.update(part or {})
+            plugin_state = self.host.merged("kdframe_state_dict", ctx=ctx)
             checkpoint.save_atomic({
                 "stage": key, "stage_index": index, "model": model.state_dict(),
                 "extra": {name: module.state_dict() for name, module in extra.items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "weights": {k: [w[0].cpu(), w[1].cpu()] for k, w in weights.items()},
                 "position": dict(pos), "plugins": plugin_state, "rng": checkpoint.rng_state(),
+                "summaries": self.stage_summaries,
             }, self.run_dir.checkpoint)
 
         def run_eval() -> None:
@@ -380,9 +405,10 @@ class Trainer:
             for b in range(pos["batch"], steps_per_epoch):
                 if pos["step"] >= total:
                     break
-                batch = collate(s.train, order[b * stage.batch_size:(b + 1) * stage.batch_size], self.device)
+                indices = order[b * stage.batch_size:(b + 1) * stage.batch_size]
+                batch = collate(s.train, indices, self.device)
                 record = self.train_step(ctx, student, teacher, resolved, needs, batch, weights, optimizer, scheduler,
-                                         [model, *extra.values()], pos)
+                                         [model, *extra.values()], pos, indices, cache)
                 pos["step"] += 1
                 pos["batch"] = b + 1
                 step = pos["step"]
@@ -405,13 +431,17 @@ class Trainer:
                     pos["batch"] = 0
                 if evaluated or (stage.checkpoint_every and step % stage.checkpoint_every == 0) or self.stop_requested:
                     save_checkpoint()
-                info = f"loss {record['loss']:.4f}"
+                info = "skipped (non-finite)" if record.get("skipped") else f"loss {record['loss']:.4f}"
                 if pos["last_eval"]:
                     info += f" dev {s.task.main_metric} {pos['last_eval'][s.task.main_metric]:.4f}"
                 self.progress.update(step, info, stage.log_every)
                 if self.stop_requested:
+                    # the same --set and -p options, or the resolved recipe differs and resume refuses it
+                    again = ["kdframe", "run", str(s.recipe_path), "--resume", str(self.run_dir.path)]
+                    again += [arg for value in self.options.get("overrides") or [] for arg in ("--set", value)]
+                    again += [arg for value in self.options.get("plugins") or [] for arg in ("-p", value)]
                     raise Interrupted(f"interrupted at {key} step {step}; checkpoint written. Resume with:"
-                                      f" kdframe run {s.recipe_path} --resume {self.run_dir.path}")
+                                      f" {shlex.join(again)}")
                 if end_of_epoch:
                     break
         self.progress.stop()
@@ -422,26 +452,32 @@ class Trainer:
             model.load_state_dict(checkpoint.load(self.run_dir.best(key)))
             selected = f"best (step {pos['best_step']})"
         self.host.call("kdframe_stage_end", ctx=ctx)
+        steps = pos["step"] - first_step
+        stage_summary = {"steps": pos["step"], "wall_time_s": round(wall, 2),
+                         "steps_per_s": round(steps / wall, 3) if wall else None, "best": pos["best"],
+                         "best_step": pos["best_step"], "final": final, "selected": selected,
+                         "skipped_steps": pos["skipped"],
+                         **({"teacher_cache": cache.stats()} if cache is not None else {})}
         if index >= 0:
             # The next stage starts from this model with fresh optimizer state.
-            checkpoint.save_atomic({"stage": None, "stage_index": index + 1, "model": model.state_dict()},
-                                   self.run_dir.checkpoint)
-        steps = pos["step"] - first_step
+            self.stage_summaries[key] = stage_summary
+            checkpoint.save_atomic({"stage": None, "stage_index": index + 1, "model": model.state_dict(),
+                                    "summaries": self.stage_summaries}, self.run_dir.checkpoint)
         self.progress.message(f"[{key}] done: {self.format_metrics(final)} ({selected}); {steps} steps in {wall:.1f}s")
-        return {"steps": pos["step"], "wall_time_s": round(wall, 2), "steps_per_s": round(steps / wall, 3) if wall else None,
-                "best": pos["best"], "best_step": pos["best_step"], "final": final, "selected": selected,
-                "skipped_steps": pos["skipped"]}
+        return stage_summary
 
     def train_step(self, ctx: StageContext, student: LoadedModel, teacher: LoadedModel | None,
                    resolved: ResolvedStage, needs: frozenset[str], batch: dict[str, torch.Tensor],
                    weights: dict[str, tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                   scheduler: Any, modules: list[torch.nn.Module], pos: dict[str, Any]) -> dict[str, Any]:
+                   scheduler: Any, modules: list[torch.nn.Module], pos: dict[str, Any],
+                   indices: list[int] | None = None, cache: TeacherCache | None = None) -> dict[str, Any]:
         student.model.train()
         with self.accelerator.autocast():
             teacher_features = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_features = self.features("teacher", teacher, batch, needs)
+                    teacher_features = (cache.features(indices, batch) if cache is not None
+                                        else self.features("teacher", teacher, batch, needs))
             student_features = self.features("student", student, batch, needs)
             costs = self.host.merged("kdframe_layer_costs", student=student_features, teacher=teacher_features,
                                      ctx=ctx) if teacher is not None else {}
@@ -451,9 +487,7 @@ class Trainer:
                 used[kind] = weights.setdefault(kind, uniform_weights(cost.shape[0], cost.shape[1], cost.device))
                 flows[kind] = self.host.first("kdframe_layer_mapping", f"mapping {ctx.mapping.name if ctx.mapping else '(none)'!r} for cost {kind!r}",
                                               kind=kind, cost=cost, weights=used[kind], ctx=ctx)
-                if flows[kind].shape != cost.shape:
-                    raise PluginError(f"mapping {ctx.mapping.name!r} returned a flow of shape {tuple(flows[kind].shape)}"
-                                      f" for cost {kind!r} of shape {tuple(cost.shape)}")
+                check_flow(self.host, ctx, kind, flows[kind], cost)
             if ctx.weighting is not None and costs:
                 weights.update(self.host.first("kdframe_update_layer_weights", f"weighting {ctx.weighting.name!r}",
                                                flows=flows, costs=costs, weights=used, ctx=ctx))
@@ -474,10 +508,10 @@ class Trainer:
             weights.update(used)  # discard a non-finite weight update with the step
             optimizer.zero_grad(set_to_none=True)
             pos["skipped"] += 1
-            return {"loss": float("nan"), "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows, "_weights": used}
+            return {"loss": None, "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows, "_weights": used}
         self.accelerator.backward(loss)
         if ctx.stage.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
+            self.accelerator.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -507,6 +541,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
 def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], out: str | None,
               resume: str | None, progress: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     session = prepare(recipe_path, overrides, plugin_args)
+    plan(session)  # what only shows with models loaded fails here: before a run directory or teacher training
     text = session.resolved_toml()
     if resume:
         run_dir = RunDir.open_for_resume(Path(resume), text)
@@ -561,9 +596,7 @@ def plan(session: Session, examples: int = 4) -> list[dict[str, Any]]:
                 for kind, cost in costs.items():
                     flow = s.host.first("kdframe_layer_mapping", f"mapping for cost {kind!r}", kind=kind, cost=cost,
                                         weights=uniform_weights(cost.shape[0], cost.shape[1], cost.device), ctx=ctx)
-                    if flow.shape != cost.shape:
-                        raise PluginError(f"mapping {ctx.mapping.name!r} returned a flow of shape {tuple(flow.shape)}"
-                                          f" for cost {kind!r} of shape {tuple(cost.shape)}")
+                    check_flow(s.host, ctx, kind, flow, cost)
                     entry["flows"][kind] = flow.float().tolist()
                 terms = s.host.merged("kdframe_loss_terms", student=st, teacher=t, costs=costs,
                                       flows={k: torch.tensor(v) for k, v in entry["flows"].items()}, batch=batch, ctx=ctx)

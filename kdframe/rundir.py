@@ -49,7 +49,13 @@ class RunDir:
     @classmethod
     def create(cls, path: Path, recipe_text: str) -> "RunDir":
         """A new run: refuse a directory that holds another run or other files."""
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not path.is_dir():
+            raise KdframeError(f"--out {path} exists and is not a directory")
+        try:
+            taken = path.exists() and any(path.iterdir())
+        except OSError as exc:
+            raise KdframeError(f"cannot read run directory {path}: {exc.strerror}") from None
+        if taken:
             existing = path / RECIPE
             hint = "use --resume to continue it" if existing.exists() else "choose an empty directory"
             raise KdframeError(f"--out {path} is not empty ({hint})")

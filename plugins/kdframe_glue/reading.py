@@ -72,13 +72,23 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
                 except ValueError as exc:
                     at = task.label_at % width + 1
                     raise DataError(f"{path}:{reader.line_num}: column {at}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text after line {reader.line_num} ({exc.reason})") from None
+        except UnicodeDecodeError as exc:  # decoded in chunks, so reader.line_num lags: find the line
+            raise DataError(f"{path}: not UTF-8 text at line {_first_non_utf8_line(path)} ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: {exc}") from None
     if not labels:
         raise DataError(f"{path}: the split is empty (no example rows)")
     return Examples(texts, labels)
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """The 1-based number of the first line that is not valid UTF-8 (0 if none is)."""
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return number
+    return 0
 
 
 def _label_parser(task: GlueTask) -> Callable[[str], float]:

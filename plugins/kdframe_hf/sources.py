@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from pathlib import Path
 
 from kdframe.api import ModelError
@@ -26,15 +27,25 @@ def resolve_source(value: str, base_dir: str) -> str:
 
 
 def package_model_path(name: str) -> Path:
-    """The directory an installed model package ships (its ``get_model_path()``)."""
+    """The directory an installed model package ships (its ``get_model_path()``).
+
+    Only the top-level package of an installed distribution is imported: a recipe must not make
+    kdframe import (run) any other module, e.g. one in the working directory or on PYTHONPATH.
+    """
+    if not name.isidentifier() or name not in importlib.metadata.packages_distributions():
+        raise ModelError(f"package:{name}: cannot import the model package {name!r}: no installed distribution"
+                         " provides a top-level package of that name; is it installed?")
     try:
         module = importlib.import_module(name)
-    except ImportError as exc:
-        raise ModelError(f"package:{name}: cannot import the model package {name!r} ({exc}); is it installed?") from None
+    except Exception as exc:  # the package's own import error is bad input, not a crash
+        raise ModelError(f"package:{name}: cannot import the model package {name!r} ({type(exc).__name__}: {exc})") from None
     get_path = getattr(module, "get_model_path", None)
     if not callable(get_path):
         raise ModelError(f"package:{name}: module {name!r} has no get_model_path(), so it is not a model package")
-    return Path(get_path())
+    try:
+        return Path(get_path())
+    except Exception as exc:
+        raise ModelError(f"package:{name}: get_model_path() failed ({type(exc).__name__}: {exc})") from None
 
 
 def is_local(source: str) -> bool:

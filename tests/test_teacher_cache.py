@@ -1,0 +1,276 @@
+"""The teacher feature cache (kdframe.teacher_cache): exactness against a live teacher forward,
+the key, the budget, disk reuse across runs, and the engine's use of it end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import attrs
+import pytest
+import torch
+
+from conftest import ROOT
+from kdframe.engine import Trainer, collate, extract_features, prepare, stage_context, start_run, uniform_weights
+from kdframe.recipe import load_recipe, to_plain
+from kdframe.teacher_cache import TeacherCache, cache_key, key_parts
+
+SMOKE = ROOT / "recipes" / "smoke_tiny.toml"  # EMD: att + hid + emb + pred, teacher 4 layers, student 2
+KD = ROOT / "recipes" / "smoke" / "kd.toml"  # logits only
+ALL = frozenset({"logits", "hidden", "attn"})
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """The smoke recipe's models (random teacher: exactness needs no fine-tuning) and a stage context."""
+    session = prepare(SMOKE, [])
+    # The character tokenizer makes every MRPC pair 48 tokens long: cut them to lengths 4..48 so that
+    # batches pad differently (what the slicing must get right).
+    gen = torch.Generator().manual_seed(0)
+    cut = [int(n) for n in torch.randint(4, 49, (len(session.train),), generator=gen)]
+    cut[0] = 48
+    session.train = attrs.evolve(session.train, input_ids=[ids[:n] for ids, n in zip(session.train.input_ids, cut)],
+                                 token_type_ids=[t[:n] for t, n in zip(session.train.token_type_ids, cut)])
+    session.teacher.model.eval()
+    session.student.model.eval()
+    resolved = session.stages[0]
+    ctx = stage_context(None, 0, resolved, session.task, session.student, session.teacher, torch.device("cpu"))
+    torch.manual_seed(0)
+    session.host.merged("kdframe_extra_parameters", ctx=ctx)  # W_h
+    session.host.call("kdframe_stage_start", ctx=ctx)
+    return session, ctx
+
+
+def live(session, batch, needs=ALL):
+    with torch.no_grad():
+        return extract_features(session.host, "teacher", session.teacher, batch, needs)
+
+
+def new_cache(session, needs=ALL, **kwargs) -> tuple[TeacherCache, list[int]]:
+    """A cache and a list that records the size of every teacher forward it makes."""
+    forwarded: list[int] = []
+
+    def compute(batch):
+        forwarded.append(batch["input_ids"].shape[0])
+        return live(session, batch, needs)
+
+    return TeacherCache(compute, session.train, needs, **kwargs), forwarded
+
+
+def loss_terms(session, ctx, teacher, batch):
+    """att, hid, emb and pred through the real plugins, on the given teacher features."""
+    host = session.host
+    with torch.no_grad():
+        student = extract_features(host, "student", session.student, batch, ALL)
+        costs = host.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
+        flows = {kind: host.first("kdframe_layer_mapping", "mapping", kind=kind, cost=cost,
+                                  weights=uniform_weights(*cost.shape, cost.device), ctx=ctx)
+                 for kind, cost in costs.items()}
+        terms = host.merged("kdframe_loss_terms", student=student, teacher=teacher, costs=costs, flows=flows,
+                            batch=batch, ctx=ctx)
+    return {name: float(value) for name, value in terms.items()}
+
+
+def assert_same_features(got, want, atol=1e-5):
+    assert torch.equal(got.mask, want.mask)
+    torch.testing.assert_close(got.logits, want.logits, atol=atol, rtol=1e-5)
+    for kind in ("hidden", "attn"):
+        a, b = getattr(got, kind), getattr(want, kind)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert x.shape == y.shape and x.dtype == y.dtype
+                torch.testing.assert_close(x, y, atol=atol, rtol=1e-5)
+
+
+def batches(session, size, epoch):
+    order = torch.randperm(len(session.train), generator=torch.Generator().manual_seed(epoch)).tolist()
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+def test_assembled_features_and_losses_equal_a_live_forward(smoke):
+    """Epoch 1 fills the cache (every example padded to the longest of the split), epoch 2 is
+    served from it; every batch's features and loss terms match a live forward on that batch."""
+    session, ctx = smoke
+    cache, forwarded = new_cache(session)
+    lengths = set()
+    for epoch in (0, 1):
+        for indices in batches(session, 8, epoch):
+            batch = collate(session.train, indices, torch.device("cpu"))
+            lengths.add(batch["input_ids"].shape[1])
+            got, want = cache.features(indices, batch), live(session, batch)
+            assert_same_features(got, want)
+            terms_got, terms_want = loss_terms(session, ctx, got, batch), loss_terms(session, ctx, want, batch)
+            assert set(terms_got) == {"att", "hid", "emb", "pred"}
+            for name, value in terms_want.items():
+                assert math.isclose(terms_got[name], value, rel_tol=1e-5), (name, terms_got[name], value)
+    assert len(lengths) > 3  # batches padded to many lengths, all sliced from the same stored padding
+    assert sum(forwarded) == len(session.train)  # each example ran through the teacher once
+    assert cache.stats()["hits"] == cache.stats()["misses"] == len(session.train)
+    assert cache.length == max(map(len, session.train.input_ids))
+
+
+def test_short_and_partly_cached_batches(smoke):
+    session, _ = smoke
+    cache, forwarded = new_cache(session)
+    by_length = sorted(range(len(session.train)), key=lambda i: len(session.train.input_ids[i]))
+    short = by_length[:6]
+    batch = collate(session.train, short, torch.device("cpu"))
+    assert batch["input_ids"].shape[1] < cache.length  # padded less than what is stored
+    assert_same_features(cache.features(short, batch), live(session, batch))
+    mixed = short[3:] + by_length[-3:]  # three cached, three new (the longest)
+    batch = collate(session.train, mixed, torch.device("cpu"))
+    assert_same_features(cache.features(mixed, batch), live(session, batch))
+    assert forwarded == [6, 3]  # only the missing examples ran
+    batch = collate(session.train, short, torch.device("cpu"))
+    assert_same_features(cache.features(short, batch), live(session, batch))  # from the cache, now short again
+    assert forwarded == [6, 3]
+    assert cache.stats()["hits"] == 3 + 6
+
+
+def test_attention_stored_without_masked_key_columns(smoke):
+    session, _ = smoke
+    cache, _ = new_cache(session)
+    index = min(range(len(session.train)), key=lambda i: len(session.train.input_ids[i]))
+    cache.features([index], collate(session.train, [index], torch.device("cpu")))
+    entry = cache.memory[index]
+    n = len(session.train.input_ids[index])
+    layers, heads = session.teacher.num_layers, session.teacher.num_heads
+    assert entry["attn"].shape == (layers, heads, cache.length, n)
+    assert entry["hidden"].shape == (layers + 1, cache.length, session.teacher.hidden_size)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [("bf16", 2e-2), ("fp16", 2e-3)])
+def test_half_storage_error_is_small(smoke, dtype, rel):
+    """bf16 / fp16 storage: values rounded once; loss terms stay within a few 1e-3 (bf16)."""
+    session, ctx = smoke
+    cache, _ = new_cache(session, dtype=dtype)
+    indices = list(range(16))
+    batch = collate(session.train, indices, torch.device("cpu"))
+    cache.features(indices, batch)
+    got, want = cache.features(indices, batch), live(session, batch)
+    assert all(h.dtype == torch.float32 for h in got.hidden)  # handed back in the forward's dtype
+    assert cache.stats()["bytes"] < sum(
+        t.numel() * 4 for i in indices for t in cache.memory[i].values() if isinstance(t, torch.Tensor))
+    terms_got, terms_want = loss_terms(session, ctx, got, batch), loss_terms(session, ctx, want, batch)
+    for name, value in terms_want.items():
+        assert math.isclose(terms_got[name], value, rel_tol=rel), (name, terms_got[name], value)
+
+
+def test_budget_stops_storing_and_computes_the_rest_live(smoke):
+    session, _ = smoke
+    probe, _ = new_cache(session)
+    probe.features([0], collate(session.train, [0], torch.device("cpu")))
+    per_example = probe.stats()["bytes"]
+    cache, forwarded = new_cache(session, max_bytes=int(per_example * 10.5))
+    for epoch in (0, 1):
+        for indices in batches(session, 16, epoch):
+            batch = collate(session.train, indices, torch.device("cpu"))
+            assert_same_features(cache.features(indices, batch), live(session, batch))
+    stats = cache.stats()  # examples differ in size (attention keeps each one's real keys)
+    assert stats["full"] and 1 <= stats["examples"] < len(session.train) and stats["bytes"] <= 10.5 * per_example
+    assert stats["hits"] == stats["examples"] and stats["misses"] == 2 * len(session.train) - stats["examples"]
+    assert sum(forwarded) == stats["misses"]
+
+
+# -- the key -------------------------------------------------------------------------------------
+
+def test_key_changes_with_weights_needs_data_and_settings(smoke):
+    session, _ = smoke
+    teacher, tokenizer, split = session.teacher.model, session.student.tokenizer, session.train
+
+    def key(model=teacher, split=split, max_length=48, needs=ALL, dtype="fp32", precision="fp32"):
+        return cache_key(key_parts(model, tokenizer, split, max_length, needs, dtype, precision))
+
+    base = key()
+    assert key() == base
+    changed = [key(needs=frozenset({"logits"})), key(max_length=64), key(dtype="bf16"), key(precision="bf16"),
+               key(split=attrs.evolve(split, input_ids=split.input_ids[:-1], token_type_ids=split.token_type_ids[:-1]))]
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    changed.append(key(model=other))
+    assert len({base, *changed}) == len(changed) + 1
+
+
+# -- disk ----------------------------------------------------------------------------------------
+
+def test_disk_cache_is_reused_by_a_new_cache_and_survives_a_torn_file(smoke, tmp_path):
+    session, _ = smoke
+    first, forwarded = new_cache(session, directory=tmp_path / "k")
+    indices = list(range(8))
+    batch = collate(session.train, indices, torch.device("cpu"))
+    want = first.features(indices, batch)
+    assert forwarded == [8] and len(list((tmp_path / "k").glob("*.pt"))) == 8
+    (tmp_path / "k" / "3.pt").write_bytes(b"torn")
+    second, forwarded = new_cache(session, directory=tmp_path / "k")
+    got = second.features(indices, batch)
+    assert forwarded == [1]  # only the torn one
+    assert_same_features(got, want, atol=0)
+    assert second.stats()["hits"] == 7 and second.stats()["misses"] == 1
+    torch.load(tmp_path / "k" / "3.pt", weights_only=True)  # rewritten
+
+
+# -- the recipe section --------------------------------------------------------------------------
+
+def test_recipe_section_defaults_off_and_stays_out_of_resolved_recipes():
+    recipe, problems = load_recipe(KD)
+    assert not problems and not recipe.teacher_cache.enabled
+    assert "teacher_cache" not in to_plain(recipe)  # run directories made before it still resume
+    recipe, _ = load_recipe(KD, ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"'])
+    assert to_plain(recipe)["teacher_cache"] == {"enabled": True, "max_bytes": 4_000_000_000, "dtype": "fp32",
+                                                 "storage": "disk"}
+    _, problems = load_recipe(KD, ["teacher_cache.max_bytes=-1"])
+    assert problems == ["teacher_cache.max_bytes: must be >= 0, got -1"]
+
+
+# -- end to end through the engine ---------------------------------------------------------------
+
+@pytest.fixture
+def teacher_forwards(monkeypatch):
+    """Examples run through the teacher by training steps (Trainer.features, role teacher; the
+    dry-run plan and evaluations call the hook otherwise)."""
+    counted = []
+    features = Trainer.features
+
+    def counting(self, role, loaded, batch, needs):
+        if role == "teacher":
+            counted.append(batch["input_ids"].shape[0])
+        return features(self, role, loaded, batch, needs)
+
+    monkeypatch.setattr(Trainer, "features", counting)
+    return counted
+
+
+def test_kd_ablation_runs_the_teacher_once_per_example(tmp_path, teacher_forwards):
+    """Two cells of a KD ablation (seeds 1, 2) with the disk cache: the first runs each training
+    example through the teacher once over its two epochs, the second not at all."""
+    sets = ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"']
+    first = start_run(str(KD), sets, [], str(tmp_path / "seed1"), None, "off")
+    stats = first["stages"]["distil"]["teacher_cache"]
+    assert sum(teacher_forwards) == 64 and stats["misses"] == 64 and stats["hits"] == 64
+    assert stats["storage"] == "disk" and stats["bytes"] > 0
+    teacher_forwards.clear()
+    second = start_run(str(KD), [*sets, "seed=2"], [], str(tmp_path / "seed2"), None, "off")
+    stats = second["stages"]["distil"]["teacher_cache"]
+    assert sum(teacher_forwards) == 0 and stats["misses"] == 0 and stats["hits"] == 128
+    summary = json.loads((tmp_path / "seed2" / "summary.json").read_text())
+    assert summary["stages"]["distil"]["teacher_cache"]["key"] == stats["key"]
+
+
+def test_bf16_smoke_run_with_cache_has_finite_losses(tmp_path):
+    """bf16 autocast on the CPU, all four EMD terms, cache on; then an fp32 trainer in the same
+    process (ablation cells of both precisions run in one process)."""
+    sets = ['precision="bf16"', "teacher_cache.enabled=true", "teacher.train.max_steps=2"]
+    summary = start_run(str(SMOKE), sets, [], str(tmp_path / "run"), None, "off")
+    assert summary["stages"]["distil"]["teacher_cache"]["hits"] == 64
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["stage"] == "distil" and "loss" in r]
+    assert train and all(math.isfinite(r[k]) for r in train for k in ("loss", "att", "hid", "emb", "pred"))
+    assert summary["stages"]["distil"]["skipped_steps"] == 0
+    trainer = Trainer(prepare(SMOKE, [], load_data=False), run_dir=None, progress=None)
+    assert trainer.accelerator.mixed_precision == "no"
