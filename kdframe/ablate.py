@@ -133,12 +133,13 @@ def _grid_problems(grid: Grid, here: Path) -> list[str]:
 
 
 def grid_cells(grid: Grid, here: Path) -> list[Cell]:
-    """Cells in a stable order: tasks, then variants (as written), then seeds."""
+    """Cells in a stable order: tasks, then seeds, then variants (as written), so an interrupted
+    grid has compared every variant on a task before it repeats them with more seeds."""
     cells = []
     for task in grid.axes.tasks:
-        for name, variant in grid.variants.items():
-            recipe = (here / (variant.recipe or grid.base)).resolve()
-            for seed in grid.axes.seeds:
+        for seed in grid.axes.seeds:
+            for name, variant in grid.variants.items():
+                recipe = (here / (variant.recipe or grid.base)).resolve()
                 overrides = [*grid.set, *grid.tasks_set.get(task, []), *variant.set,
                              f"data.task={json.dumps(task)}", f"seed={seed}"]
                 cells.append({"task": task, "variant": name, "seed": seed, "recipe": str(recipe),
