@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shlex
 import signal
 import time
@@ -105,9 +106,10 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
 
 # -- small pieces of the loop -----------------------------------------------------------------
 
-def collate(split: TokenizedSplit, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest example (dynamic padding)."""
-    length = max(len(split.input_ids[i]) for i in indices)
+def collate(split: TokenizedSplit, indices: list[int], device: torch.device,
+            length: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest example (dynamic padding), or to ``length``."""
+    length = length or max(len(split.input_ids[i]) for i in indices)
     ids = torch.zeros(len(indices), length, dtype=torch.long)
     types = torch.zeros_like(ids)
     mask = torch.zeros_like(ids)
@@ -218,16 +220,88 @@ class Trainer:
         self.progress = progress
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
         AcceleratorState._reset_state(True)  # a process may run recipes of other precisions (ablation cells)
-        self.accelerator = Accelerator(cpu=recipe.device == "cpu", mixed_precision=mixed)
+        # Under a launcher (torchrun) on a machine without CUDA, accelerate sets up gloo only when told cpu=True.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu = recipe.device == "cpu" or (launched and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         self.device = self.accelerator.device
+        # Data parallel: this process's rank among `world` processes (0 of 1 without a launcher).
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        if not self.is_main:
+            self.progress = Progress("off")  # progress output from the main process only
         self.stop_requested = False
+        self.sigint_at: float | None = None
 
     # Ctrl-C sets a flag; the loop finishes its step, checkpoints and stops cleanly.
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:
+        now = time.monotonic()
+        if self.sigint_at is not None:
+            if self.world > 1 and now - self.sigint_at < 2.0:
+                return  # torchrun forwards the terminal's Ctrl-C to its workers: one press, two signals
             raise KeyboardInterrupt
+        self.sigint_at = now
         self.stop_requested = True
         self.progress.message("interrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)")
+
+    # -- processes: data parallel through torch.distributed; every helper is a no-op in one process --
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over processes, in place."""
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when it is true on one (so that all take the same branch)."""
+        if self.world == 1:
+            return flag
+        return bool(self.reduce_sum(torch.tensor([float(flag)], device=self.device)).item())
+
+    def from_main(self, value: Any) -> Any:
+        """The main process's ``value`` on every process (a decision that reads files others may write)."""
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value])[0]
+        return value
+
+    def save(self, obj: Any, path: Path) -> None:
+        """Only the main process writes files; the others hold the same state."""
+        if self.is_main:
+            checkpoint.save_atomic(obj, path)
+
+    def broadcast_parameters(self, modules: list[torch.nn.Module]) -> None:
+        """Start every process from the main process's weights, as DDP does (e.g. W_h, drawn from the
+        global RNG, which dropout on unequal shares of a batch may have advanced differently)."""
+        if self.world > 1:
+            for module in modules:
+                for tensor in module.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+
+    def sum_gradients(self, modules: list[torch.nn.Module]) -> None:
+        """Sum every trainable parameter's gradient over processes; each process's loss was weighted by
+        its share of the global batch, so the sum is the global batch's gradient.
+
+        An explicit all-reduce rather than DDP (``accelerator.prepare(model)``): plugins receive the
+        bare model (kdframe_hf's feature capture reads and sets ``model.config``), which a DDP wrapper
+        hides, and the extra modules (W_h) train too. Every process has the same parameters with
+        gradients (same models, same graph), so the flat buffers line up.
+        """
+        if self.world == 1:
+            return
+        grads = [p.grad for module in modules for p in module.parameters() if p.grad is not None]
+        if grads:
+            flat = self.reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+            for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+                grad.copy_(summed.view_as(grad))
+
+    def shared_costs(self, costs: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
+        """The global batch's cost matrices, identical on every process, for the mapping and the
+        layer weights (state that must stay identical everywhere). Detached: a flow is a constant for
+        backprop. The loss terms keep the local costs with their graph."""
+        if self.world == 1:
+            return costs
+        return {kind: self.reduce_sum(cost.detach().float() * share).to(cost.dtype) for kind, cost in costs.items()}
 
     def run(self, resume: bool) -> dict[str, Any]:
         s = self.session
@@ -262,7 +336,7 @@ class Trainer:
             }
             summary["main_metric"] = s.task.main_metric
             summary["wall_time_s"] = round(time.monotonic() - started, 2)
-            checkpoint.save_atomic(s.student.model.state_dict(), self.run_dir.path / "student.pt")
+            self.save(s.student.model.state_dict(), self.run_dir.path / "student.pt")
             self.run_dir.write_json("summary.json", summary)
             self.host.call("kdframe_run_end", run=self, summary=summary)
             return summary
@@ -279,10 +353,13 @@ class Trainer:
         s = self.session
         teacher = s.teacher
         cached = teacher_cache_path(s.recipe)
-        if self.run_dir.teacher.exists():
+        # The main process looks at the files: another process must not see one it has just written.
+        found = self.from_main("run" if self.run_dir.teacher.exists()
+                               else "cache" if s.teacher_stage is not None and cached.exists() else None)
+        if found == "run":
             teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
             source = "this run"
-        elif s.teacher_stage is not None and cached.exists():
+        elif found == "cache":
             teacher.model.load_state_dict(checkpoint.load(cached))
             source = f"cache {cached}"
         elif s.teacher_stage is not None:
@@ -291,12 +368,12 @@ class Trainer:
             torch.manual_seed(s.recipe.teacher.seed)
             self.train_stage(-1, teacher, None, s.teacher_stage, resume_state)
             torch.set_rng_state(generator_state)
-            checkpoint.save_atomic(teacher.model.state_dict(), cached)
+            self.save(teacher.model.state_dict(), cached)
             source = "fine-tuned in this run"
         else:
             source = "as loaded"
-        if not self.run_dir.teacher.exists():
-            checkpoint.save_atomic(teacher.model.state_dict(), self.run_dir.teacher)
+        if found != "run":
+            self.save(teacher.model.state_dict(), self.run_dir.teacher)
         teacher.model.to(self.device).eval()
         metrics = self.evaluate(teacher)
         if not any(r.get("kind") == "teacher" for r in iter_records(self.run_dir.path / "metrics.jsonl")):
@@ -314,13 +391,18 @@ class Trainer:
         loaded.model.eval()
         predictions = []
         size = (s.stages[0].stage.eval_batch_size if s.stages else 64)
-        for start in range(0, len(s.dev), size):
+        # Process r evaluates batches r, r + world, ...; every process gathers all of them, in order.
+        for start in range(0, len(s.dev), size)[self.rank::self.world]:
             batch = collate(s.dev, list(range(start, min(start + size, len(s.dev)))), self.device)
             with self.accelerator.autocast():
                 logits = self.features("student", loaded, batch, frozenset()).logits.float()
-            predictions.append(logits if s.task.is_regression else logits.argmax(-1))
+            predictions.append((start, (logits if s.task.is_regression else logits.argmax(-1)).cpu()))
         loaded.model.train(was_training)
-        preds = torch.cat(predictions).cpu().numpy()
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            predictions = sorted(gather_object(predictions), key=lambda item: item[0])
+        preds = torch.cat([p for _, p in predictions]).numpy()
         labels = torch.tensor(s.dev.labels).numpy()
         metrics = self.host.first("kdframe_compute_metrics", f"metrics for task {s.task.name!r}",
                                   task=s.task, predictions=preds, labels=labels)
@@ -373,10 +455,11 @@ class Trainer:
             checkpoint.set_rng_state(resume_state["rng"])
             self.run_dir.truncate_logs_after(key, pos["step"])
             self.progress.message(f"[{key}] resuming at step {pos['step']}/{total}")
+        self.broadcast_parameters([model, *extra.values()])
 
         def save_checkpoint() -> None:
             plugin_state = self.host.merged("kdframe_state_dict", ctx=ctx)
-            checkpoint.save_atomic({
+            self.save({
                 "stage": key, "stage_index": index, "model": model.state_dict(),
                 "extra": {name: module.state_dict() for name, module in extra.items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -393,7 +476,7 @@ class Trainer:
             pos["last_eval"] = metrics
             if pos["best"] is None or value > pos["best"][s.task.main_metric]:
                 pos["best"], pos["best_step"] = metrics, pos["step"]
-                checkpoint.save_atomic(model.state_dict(), self.run_dir.best(key))
+                self.save(model.state_dict(), self.run_dir.best(key))
 
         label = f"{key} ({student.description.split(':')[0]})" if index < 0 else key
         self.progress.start(label, total, pos["step"])
@@ -406,9 +489,16 @@ class Trainer:
                 if pos["step"] >= total:
                     break
                 indices = order[b * stage.batch_size:(b + 1) * stage.batch_size]
-                batch = collate(s.train, indices, self.device)
+                # Data parallel: every process draws the same global batch and takes rank::world of it,
+                # padded to the global batch's longest example (losses that count padding then add up
+                # to the 1-process loss); an empty share runs one example with weight 0 to join in.
+                mine = indices[self.rank::self.world]
+                share = len(mine) / len(indices)
+                mine = mine or indices[:1]
+                length = max(len(s.train.input_ids[i]) for i in indices)
+                batch = collate(s.train, mine, self.device, length)
                 record = self.train_step(ctx, student, teacher, resolved, needs, batch, weights, optimizer, scheduler,
-                                         [model, *extra.values()], pos, indices, cache)
+                                         [model, *extra.values()], pos, mine, cache, share)
                 pos["step"] += 1
                 pos["batch"] = b + 1
                 step = pos["step"]
@@ -429,13 +519,15 @@ class Trainer:
                 if end_of_epoch:
                     pos["epoch"] += 1
                     pos["batch"] = 0
-                if evaluated or (stage.checkpoint_every and step % stage.checkpoint_every == 0) or self.stop_requested:
+                # Ctrl-C reaches the processes at different moments: they agree here and stop after the same step.
+                stop = self.any_process(self.stop_requested)
+                if evaluated or (stage.checkpoint_every and step % stage.checkpoint_every == 0) or stop:
                     save_checkpoint()
                 info = "skipped (non-finite)" if record.get("skipped") else f"loss {record['loss']:.4f}"
                 if pos["last_eval"]:
                     info += f" dev {s.task.main_metric} {pos['last_eval'][s.task.main_metric]:.4f}"
                 self.progress.update(step, info, stage.log_every)
-                if self.stop_requested:
+                if stop:
                     # the same --set and -p options, or the resolved recipe differs and resume refuses it
                     again = ["kdframe", "run", str(s.recipe_path), "--resume", str(self.run_dir.path)]
                     again += [arg for value in self.options.get("overrides") or [] for arg in ("--set", value)]
@@ -448,6 +540,7 @@ class Trainer:
         wall = time.monotonic() - started
         final = pos["last_eval"] or self.evaluate(student)
         selected = "last"
+        self.accelerator.wait_for_everyone()  # the main process has written best-*.pt
         if stage.select == "best" and pos["best"] is not None and self.run_dir.best(key).exists():
             model.load_state_dict(checkpoint.load(self.run_dir.best(key)))
             selected = f"best (step {pos['best_step']})"
@@ -461,8 +554,8 @@ class Trainer:
         if index >= 0:
             # The next stage starts from this model with fresh optimizer state.
             self.stage_summaries[key] = stage_summary
-            checkpoint.save_atomic({"stage": None, "stage_index": index + 1, "model": model.state_dict(),
-                                    "summaries": self.stage_summaries}, self.run_dir.checkpoint)
+            self.save({"stage": None, "stage_index": index + 1, "model": model.state_dict(),
+                       "summaries": self.stage_summaries}, self.run_dir.checkpoint)
         self.progress.message(f"[{key}] done: {self.format_metrics(final)} ({selected}); {steps} steps in {wall:.1f}s")
         return stage_summary
 
@@ -470,7 +563,9 @@ class Trainer:
                    resolved: ResolvedStage, needs: frozenset[str], batch: dict[str, torch.Tensor],
                    weights: dict[str, tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
                    scheduler: Any, modules: list[torch.nn.Module], pos: dict[str, Any],
-                   indices: list[int] | None = None, cache: TeacherCache | None = None) -> dict[str, Any]:
+                   indices: list[int] | None = None, cache: TeacherCache | None = None,
+                   share: float = 1.0) -> dict[str, Any]:
+        """One optimizer step on this process's ``share`` of the global batch (1.0 in one process)."""
         student.model.train()
         with self.accelerator.autocast():
             teacher_features = None
@@ -481,23 +576,30 @@ class Trainer:
             student_features = self.features("student", student, batch, needs)
             costs = self.host.merged("kdframe_layer_costs", student=student_features, teacher=teacher_features,
                                      ctx=ctx) if teacher is not None else {}
+            shared = self.shared_costs(costs, share)
             flows = {}
             used = {}
-            for kind, cost in costs.items():
+            for kind, cost in shared.items():
                 used[kind] = weights.setdefault(kind, uniform_weights(cost.shape[0], cost.shape[1], cost.device))
                 flows[kind] = self.host.first("kdframe_layer_mapping", f"mapping {ctx.mapping.name if ctx.mapping else '(none)'!r} for cost {kind!r}",
                                               kind=kind, cost=cost, weights=used[kind], ctx=ctx)
                 check_flow(self.host, ctx, kind, flows[kind], cost)
             if ctx.weighting is not None and costs:
                 weights.update(self.host.first("kdframe_update_layer_weights", f"weighting {ctx.weighting.name!r}",
-                                               flows=flows, costs=costs, weights=used, ctx=ctx))
+                                               flows=flows, costs=shared, weights=used, ctx=ctx))
             terms = self.host.merged("kdframe_loss_terms", student=student_features, teacher=teacher_features,
                                      costs=costs, flows=flows, batch=batch, ctx=ctx)
         missing = sorted(set(resolved.losses) - set(terms))
         if missing:
             raise PluginError(f"no plugin computed the loss term(s) {', '.join(missing)}")
         loss = sum(resolved.losses[name].weight * terms[name].float() for name in resolved.losses)
-        bad = [f"loss term {name!r} = {terms[name].item()}" for name in resolved.losses if not torch.isfinite(terms[name]).all()]
+        # The global batch's loss and terms (shares summed over processes): logged, and checked here so
+        # that every process takes the same branch (a non-finite value on one is non-finite in the sum).
+        names = list(resolved.losses)
+        scalars = [t.detach().float().reshape(()) for t in (loss, *(terms[n] for n in names))]
+        values = self.reduce_sum(torch.stack(scalars) * share).tolist()
+        bad = [f"loss term {name!r} = {value}" for name, value in zip(names, values[1:]) if not math.isfinite(value)]
+        # the layer weights come from the shared costs: the same on every process
         bad += [f"layer weights of {kind!r}" for kind, (ws, wt) in weights.items()
                 if not (torch.isfinite(ws).all() and torch.isfinite(wt).all())]
         step = pos["step"] + 1
@@ -509,14 +611,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             pos["skipped"] += 1
             return {"loss": None, "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows, "_weights": used}
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * share)
+        self.sum_gradients(modules)
         if ctx.stage.grad_clip:
             self.accelerator.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-        record.update({name: terms[name].item() for name in resolved.losses})
+        record = {"loss": values[0], "lr": scheduler.get_last_lr()[0]}
+        record.update(zip(names, values[1:]))
         record["_flows"], record["_weights"] = flows, used
         return record
 
@@ -543,12 +646,26 @@ def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], ou
     session = prepare(recipe_path, overrides, plugin_args)
     plan(session)  # what only shows with models loaded fails here: before a run directory or teacher training
     text = session.resolved_toml()
+    trainer = Trainer(session, None, Progress(progress), options)  # joins the other processes, if launched so
+    if trainer.world > 1 and not (out or resume):
+        raise KdframeError(f"a run of {trainer.world} processes needs --out DIR (or --resume DIR):"
+                           " every process must use the same run directory")
     if resume:
         run_dir = RunDir.open_for_resume(Path(resume), text)
     else:
-        default = Path("runs") / f"{session.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = RunDir.create(Path(out) if out else default, text)
-    trainer = Trainer(session, run_dir, Progress(progress), options)
+        path = Path(out) if out else Path("runs") / f"{session.recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # The main process creates the directory; the others take its outcome (and write nothing).
+        problem = None
+        if trainer.is_main:
+            try:
+                RunDir.create(path, text)
+            except KdframeError as exc:
+                problem = str(exc)
+        if problem := trainer.from_main(problem):
+            raise KdframeError(problem)
+        run_dir = RunDir(path)
+    run_dir.writes = trainer.is_main
+    trainer.run_dir = run_dir
     run_dir.write_env(session.recipe.seed, str(trainer.device),
                       [attrs.asdict(info) for info in session.host.infos])
     trainer.progress.message(f"run directory: {run_dir.path.resolve()}")

@@ -31,8 +31,10 @@ def recipe_toml(plain: dict[str, Any]) -> str:
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writes: bool = True):
         self.path = path
+        # False in the other processes of a multi-process run: only the main process writes files.
+        self.writes = writes
 
     # files
     @property
@@ -83,6 +85,8 @@ class RunDir:
         return cls(path)
 
     def write_text(self, name: str, text: str) -> None:
+        if not self.writes:
+            return
         target = self.path / name
         tmp = target.with_name(f".{name}.tmp")
         tmp.write_text(text)
@@ -92,11 +96,15 @@ class RunDir:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         with open(self.path / name, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def truncate_logs_after(self, stage_key: str, step: int) -> None:
         """On resume, drop log lines written after the checkpoint so logs equal an unbroken run."""
+        if not self.writes:
+            return
         for name in ("metrics.jsonl", "layer_weights.jsonl"):
             path = self.path / name
             if not path.exists():
