@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -114,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.out:
         raise KdframeError("--out and --resume cannot be used together: --resume DIR continues the run in DIR")
     summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress, vars(args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under a launcher, the main process reports
     from rich.console import Console
 
     student = summary["student"]

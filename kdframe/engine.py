@@ -22,6 +22,7 @@ import torch
 
 from kdframe import checkpoint
 from kdframe.errors import KdframeError, PluginError, RecipeError, RunFailed
+from kdframe.parallel import Processes
 from kdframe.plugins import PluginHost, load_plugins
 from kdframe.progress import Progress
 from kdframe.recipe import Recipe, ResolvedStage, load_recipe, resolve_recipe, resolve_stage, to_plain
@@ -226,8 +227,8 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
         self.device = self.accelerator.device
         # Data parallel: this process's rank among `world` processes (0 of 1 without a launcher).
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
+        self.processes = Processes(self.accelerator)
+        self.rank, self.world, self.is_main = self.processes.rank, self.processes.world, self.processes.is_main
         if not self.is_main:
             self.progress = Progress("off")  # progress output from the main process only
         self.stop_requested = False
@@ -244,64 +245,10 @@ class Trainer:
         self.stop_requested = True
         self.progress.message("interrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)")
 
-    # -- processes: data parallel through torch.distributed; every helper is a no-op in one process --
-    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over processes, in place."""
-        if self.world > 1:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def any_process(self, flag: bool) -> bool:
-        """True on every process when it is true on one (so that all take the same branch)."""
-        if self.world == 1:
-            return flag
-        return bool(self.reduce_sum(torch.tensor([float(flag)], device=self.device)).item())
-
-    def from_main(self, value: Any) -> Any:
-        """The main process's ``value`` on every process (a decision that reads files others may write)."""
-        if self.world > 1:
-            from accelerate.utils import broadcast_object_list
-
-            value = broadcast_object_list([value])[0]
-        return value
-
     def save(self, obj: Any, path: Path) -> None:
         """Only the main process writes files; the others hold the same state."""
         if self.is_main:
             checkpoint.save_atomic(obj, path)
-
-    def broadcast_parameters(self, modules: list[torch.nn.Module]) -> None:
-        """Start every process from the main process's weights, as DDP does (e.g. W_h, drawn from the
-        global RNG, which dropout on unequal shares of a batch may have advanced differently)."""
-        if self.world > 1:
-            for module in modules:
-                for tensor in module.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
-
-    def sum_gradients(self, modules: list[torch.nn.Module]) -> None:
-        """Sum every trainable parameter's gradient over processes; each process's loss was weighted by
-        its share of the global batch, so the sum is the global batch's gradient.
-
-        An explicit all-reduce rather than DDP (``accelerator.prepare(model)``): plugins receive the
-        bare model (kdframe_hf's feature capture reads and sets ``model.config``), which a DDP wrapper
-        hides, and the extra modules (W_h) train too. Every process has the same parameters with
-        gradients (same models, same graph), so the flat buffers line up.
-        """
-        if self.world == 1:
-            return
-        grads = [p.grad for module in modules for p in module.parameters() if p.grad is not None]
-        if grads:
-            flat = self.reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]))
-            for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
-                grad.copy_(summed.view_as(grad))
-
-    def shared_costs(self, costs: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
-        """The global batch's cost matrices, identical on every process, for the mapping and the
-        layer weights (state that must stay identical everywhere). Detached: a flow is a constant for
-        backprop. The loss terms keep the local costs with their graph."""
-        if self.world == 1:
-            return costs
-        return {kind: self.reduce_sum(cost.detach().float() * share).to(cost.dtype) for kind, cost in costs.items()}
 
     def run(self, resume: bool) -> dict[str, Any]:
         s = self.session
@@ -354,7 +301,7 @@ class Trainer:
         teacher = s.teacher
         cached = teacher_cache_path(s.recipe)
         # The main process looks at the files: another process must not see one it has just written.
-        found = self.from_main("run" if self.run_dir.teacher.exists()
+        found = self.processes.from_main("run" if self.run_dir.teacher.exists()
                                else "cache" if s.teacher_stage is not None and cached.exists() else None)
         if found == "run":
             teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
@@ -455,7 +402,7 @@ class Trainer:
             checkpoint.set_rng_state(resume_state["rng"])
             self.run_dir.truncate_logs_after(key, pos["step"])
             self.progress.message(f"[{key}] resuming at step {pos['step']}/{total}")
-        self.broadcast_parameters([model, *extra.values()])
+        self.processes.broadcast_parameters([model, *extra.values()])
 
         def save_checkpoint() -> None:
             plugin_state = self.host.merged("kdframe_state_dict", ctx=ctx)
@@ -520,7 +467,7 @@ class Trainer:
                     pos["epoch"] += 1
                     pos["batch"] = 0
                 # Ctrl-C reaches the processes at different moments: they agree here and stop after the same step.
-                stop = self.any_process(self.stop_requested)
+                stop = self.processes.any_process(self.stop_requested)
                 if evaluated or (stage.checkpoint_every and step % stage.checkpoint_every == 0) or stop:
                     save_checkpoint()
                 info = "skipped (non-finite)" if record.get("skipped") else f"loss {record['loss']:.4f}"
@@ -576,7 +523,7 @@ class Trainer:
             student_features = self.features("student", student, batch, needs)
             costs = self.host.merged("kdframe_layer_costs", student=student_features, teacher=teacher_features,
                                      ctx=ctx) if teacher is not None else {}
-            shared = self.shared_costs(costs, share)
+            shared = self.processes.shared_costs(costs, share)
             flows = {}
             used = {}
             for kind, cost in shared.items():
@@ -597,7 +544,7 @@ class Trainer:
         # that every process takes the same branch (a non-finite value on one is non-finite in the sum).
         names = list(resolved.losses)
         scalars = [t.detach().float().reshape(()) for t in (loss, *(terms[n] for n in names))]
-        values = self.reduce_sum(torch.stack(scalars) * share).tolist()
+        values = self.processes.reduce_sum(torch.stack(scalars) * share).tolist()
         bad = [f"loss term {name!r} = {value}" for name, value in zip(names, values[1:]) if not math.isfinite(value)]
         # the layer weights come from the shared costs: the same on every process
         bad += [f"layer weights of {kind!r}" for kind, (ws, wt) in weights.items()
@@ -612,7 +559,7 @@ class Trainer:
             pos["skipped"] += 1
             return {"loss": None, "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows, "_weights": used}
         self.accelerator.backward(loss * share)
-        self.sum_gradients(modules)
+        self.processes.sum_gradients(modules)
         if ctx.stage.grad_clip:
             self.accelerator.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
         optimizer.step()
@@ -661,7 +608,7 @@ def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], ou
                 RunDir.create(path, text)
             except KdframeError as exc:
                 problem = str(exc)
-        if problem := trainer.from_main(problem):
+        if problem := trainer.processes.from_main(problem):
             raise KdframeError(problem)
         run_dir = RunDir(path)
     run_dir.writes = trainer.is_main
