@@ -4,12 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 
 sys.path.insert(0, str(FIXTURES))
+# Tiny models are all overhead: one thread per process is faster, above all on a shared machine,
+# and the subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session", autouse=True)
