@@ -41,6 +41,14 @@ def environment() -> dict[str, Any]:
         "loadavg_at_start": loadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    import hashlib
+
+    # which version of the code was measured (the engine and plugins change under the benchmarks)
+    for rel in ("kdframe/engine.py", "plugins/kdframe_costs/__init__.py", "plugins/kdframe_emd/__init__.py",
+                "plugins/kdframe_cost_attention/__init__.py", "plugins/kdframe_hf/capture.py"):
+        path = ROOT / rel
+        if path.exists():
+            info.setdefault("source_sha256", {})[rel] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     for name in ("ot", "pyemd", "transformers"):
         try:
             module = __import__(name)
@@ -65,38 +73,44 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     return {"median": float(statistics.median(v)), "q1": float(q[0]), "q3": float(q[2]), "n": len(v)}
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1, budget_s: float | None = None) -> list[float]:
-    """Wall times (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; stops
-    early (keeping at least 3) once ``budget_s`` is spent."""
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1,
+               budget_s: float | None = None) -> dict[str, list[float]]:
+    """Wall and CPU times (seconds) of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones;
+    stops early (keeping at least 3) once ``budget_s`` of wall time is spent."""
     for _ in range(warmup):
         fn()
-    times = []
+    out: dict[str, list[float]] = {"wall": [], "cpu": []}
     started = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        clock = Clock()
         fn()
-        times.append(time.perf_counter() - t0)
-        if budget_s is not None and len(times) >= 3 and time.perf_counter() - started > budget_s:
+        wall, cpu = clock.lap()
+        out["wall"].append(wall)
+        out["cpu"].append(cpu)
+        if budget_s is not None and len(out["wall"]) >= 3 and time.perf_counter() - started > budget_s:
             break
-    return times
+    return out
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                budget_s: float | None = None) -> dict[str, list[float]]:
+                budget_s: float | None = None) -> dict[str, dict[str, list[float]]]:
     """Time every function once per round, in a rotating order (A B C, B C A, ...), so slow
-    drifts of the machine's load hit every variant alike. Returns the times per variant."""
+    drifts of the machine's load hit every variant alike. Returns wall and CPU times per variant
+    (index r of every list is round r, so per-round ratios pair neighbours in time)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     started = time.perf_counter()
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            clock = Clock()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            wall, cpu = clock.lap()
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
         if budget_s is not None and r >= 2 and time.perf_counter() - started > budget_s:
             break
     return times
@@ -124,10 +138,37 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a few seconds: tiny sizes, few repeats (CI)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a loaded machine, 2 OpenMP threads spin and"
+                        " get descheduled, which makes times erratic)")
     p.add_argument("--out", default=None,
                    help="directory for the JSON and markdown results (default benchmarks/results,"
                         " or benchmarks/results/quick with --quick)")
     return p
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Fix torch's thread count (also for subprocesses started by the benchmark)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+
+
+class Clock:
+    """Wall time and process CPU time, read together. On a machine shared with other work,
+    CPU time (all threads of this process) is what the code costs; wall time adds the time
+    the scheduler gave to other processes."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
 
 
 def out_dir(args: argparse.Namespace) -> Path:

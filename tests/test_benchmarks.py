@@ -1,0 +1,18 @@
+"""The benchmark scripts run in --quick mode (seconds): they stay runnable as the engine changes.
+
+bench_step.py times a copy of Trainer.train_step and checks that it computes what the engine
+computes, so this fails when the two drift apart. Numbers are not asserted (docs/performance.md).
+"""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmarks_run_in_quick_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = {p.name for p in tmp_path.rglob("*.json")}
+    assert {"bench_step.json", "bench_scaling.json", "bench_transport.json", "bench_capture.json"} <= written
