@@ -657,13 +657,14 @@ def plan(session: Session, examples: int = 4) -> list[dict[str, Any]]:
                 t = extract_features(s.host, "teacher", teacher, batch, needs)
                 st = extract_features(s.host, "student", s.student, batch, needs)
                 costs = s.host.merged("kdframe_layer_costs", student=st, teacher=t, ctx=ctx)
+                flows = {}
                 for kind, cost in costs.items():
-                    flow = s.host.first("kdframe_layer_mapping", f"mapping for cost {kind!r}", kind=kind, cost=cost,
-                                        weights=uniform_weights(cost.shape[0], cost.shape[1], cost.device), ctx=ctx)
-                    check_flow(s.host, ctx, kind, flow, cost)
-                    entry["flows"][kind] = flow.float().tolist()
-                terms = s.host.merged("kdframe_loss_terms", student=st, teacher=t, costs=costs,
-                                      flows={k: torch.tensor(v) for k, v in entry["flows"].items()}, batch=batch, ctx=ctx)
+                    flows[kind] = s.host.first("kdframe_layer_mapping", f"mapping for cost {kind!r}", kind=kind, cost=cost,
+                                               weights=uniform_weights(cost.shape[0], cost.shape[1], cost.device), ctx=ctx)
+                    check_flow(s.host, ctx, kind, flows[kind], cost)
+                    entry["flows"][kind] = flows[kind].float().tolist()
+                terms = s.host.merged("kdframe_loss_terms", student=st, teacher=t, costs=costs, flows=flows,
+                                      batch=batch, ctx=ctx)
                 missing = sorted(set(resolved.losses) - set(terms))
                 if missing:
                     raise PluginError(f"stages[{index}]: no plugin computes the loss term(s) {', '.join(missing)}")
