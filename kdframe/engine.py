@@ -527,7 +527,9 @@ class Trainer:
             flows = {}
             used = {}
             for kind, cost in shared.items():
-                used[kind] = weights.setdefault(kind, uniform_weights(cost.shape[0], cost.shape[1], cost.device))
+                if kind not in weights:  # first step of the stage: uniform (not built on every step)
+                    weights[kind] = uniform_weights(cost.shape[0], cost.shape[1], cost.device)
+                used[kind] = weights[kind]
                 flows[kind] = self.host.first("kdframe_layer_mapping", f"mapping {ctx.mapping.name if ctx.mapping else '(none)'!r} for cost {kind!r}",
                                               kind=kind, cost=cost, weights=used[kind], ctx=ctx)
                 check_flow(self.host, ctx, kind, flows[kind], cost)
