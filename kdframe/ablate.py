@@ -32,7 +32,8 @@ The ablation directory::
 Cells of one task share one fine-tuned teacher through the engine's teacher cache (keyed by the
 teacher spec, data and teacher.seed, not the recipe seed): only the first such cell fine-tunes it.
 With ``--jobs N`` the cells run in N spawned processes; one cell per uncached teacher runs first
-so that the others find the teacher cached instead of each fine-tuning it.
+and the other cells of that teacher wait for it, so that they find it cached instead of each
+fine-tuning it, while cells whose teacher is cached (or that need none) use the free processes.
 
 ``--resume`` skips done cells, continues an unfinished cell from its checkpoint, and restarts a cell
 that died before its first checkpoint (or failed before training) from scratch.
@@ -335,27 +336,37 @@ class Ablation:
         from kdframe.plugins import load_plugins
 
         registry = load_plugins(self.plugins).registry
+        teachers = {id(c): _teacher_to_cache(c, registry) for c in todo}
         first: dict[Path, Cell] = {}
         for cell in todo:
-            target = _teacher_to_cache(cell, registry)
+            target = teachers[id(cell)]
             if target is not None and not target.exists():
                 first.setdefault(target, cell)
-        warmup = list(first.values())
-        rest = [c for c in todo if all(c is not w for w in warmup)]
+        # One cell per uncached teacher goes first and fine-tunes it; cells that need a teacher still
+        # being fine-tuned wait for it, and cells that do not fill the free processes meanwhile.
+        order = list(first.values()) + [c for c in todo if all(c is not f for f in first.values())]
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            # Cells that fine-tune a teacher first (different teachers in parallel), then the rest.
-            return self._drain(pool, warmup, jobs) and self._drain(pool, rest, jobs)
+            return self._drain(pool, order, jobs, teachers)
 
-    def _drain(self, pool: ProcessPoolExecutor, cells: list[Cell], jobs: int) -> bool:
+    def _drain(self, pool: ProcessPoolExecutor, cells: list[Cell], jobs: int,
+               teachers: dict[int, Path | None]) -> bool:
         """Keep up to ``jobs`` cells running; after Ctrl-C let the running ones checkpoint and stop."""
         queue = list(cells)
         running: dict[Future, Cell] = {}
+        fine_tuning: dict[int, Path] = {}  # running cell -> the teacher it is fine-tuning
+
+        def ready(cell: Cell) -> bool:
+            return teachers[id(cell)] not in fine_tuning.values()
+
         complete = True
         while queue or running:
-            while queue and complete and len(running) < jobs:
-                cell = queue.pop(0)
+            while complete and len(running) < jobs and (cell := next(filter(ready, queue), None)):
+                queue.remove(cell)
+                target = teachers[id(cell)]
+                if target is not None and not target.exists():
+                    fine_tuning[id(cell)] = target
                 self.start(cell)
                 # Workers run quietly: several progress bars would interleave.
                 running[pool.submit(run_cell, cell, str(self.state.root), "off", self.plugins)] = cell
@@ -369,6 +380,7 @@ class Ablation:
                 continue
             for future in done:
                 cell = running.pop(future)
+                fine_tuning.pop(id(cell), None)
                 try:
                     outcome = future.result()
                 except Exception as exc:  # the worker process died (e.g. killed for memory)

@@ -162,3 +162,40 @@ def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
         assert problem in err
     assert not (tmp_path / "out").exists()
     assert main(["ablate", str(RECIPES / "ablation_smoke.toml"), "--shard", "2/2"]) == 2
+
+
+def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
+    """Two processes, teacher T uncached: its first cell fine-tunes it, the other T cell waits for it,
+    and a cell with a cached teacher runs beside the fine-tuning instead of leaving a process idle."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kdframe import ablate
+
+    uncached, cached = tmp_path / "t.pt", tmp_path / "cached.pt"
+    cached.write_text("")
+    cells = [{"task": t, "variant": "v", "seed": 1, "dir": f"cells/{t}", "recipe": "", "overrides": []}
+             for t in ("a1", "a2", "b1")]
+    teachers = {id(cells[0]): uncached, id(cells[1]): uncached, id(cells[2]): cached}
+    events, lock, release = [], threading.Lock(), threading.Event()
+
+    def fake_run_cell(cell, root, progress, plugins):
+        with lock:
+            events.append(("start", cell["task"]))
+        if cell["task"] == "a1":  # the teacher fine-tune: lasts until the cached-teacher cell ran
+            assert release.wait(5)
+            uncached.write_text("")
+        else:
+            release.set()
+        with lock:
+            events.append(("end", cell["task"]))
+        return {"status": "done", "wall_time_s": 0.0, "main_metric": "m", "best": 1.0, "final": 1.0}
+
+    monkeypatch.setattr(ablate, "run_cell", fake_run_cell)
+    state = ablate.State(tmp_path, "ablation.json", {"cells": cells})
+    runner = ablate.Ablation(state, "off", [], lambda text: None)
+    with ThreadPoolExecutor(2) as pool:
+        assert runner._drain(pool, cells, 2, teachers)
+    assert events.index(("start", "b1")) < events.index(("end", "a1"))  # no idle process
+    assert events.index(("end", "a1")) < events.index(("start", "a2"))  # a2 found the teacher cached
+    assert {c["status"] for c in cells} == {"done"}
