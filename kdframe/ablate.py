@@ -66,10 +66,11 @@ import attrs
 from kdframe.errors import KdframeError, RecipeError, RunFailed
 from kdframe.recipe import load_recipe, read_toml, resolve_recipe, structure
 from kdframe.registry import StrategyRegistry
-from kdframe.rundir import CHECKPOINT, RunDir
+from kdframe.rundir import CHECKPOINT, PROGRESS, RunDir
 
 STATE = "ablation.json"
 SUMMARY = "summary.json"
+PROGRESS_EVERY_S = 60.0  # with --jobs: how often the parent prints the running cells' progress
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 Cell = dict[str, Any]  # as stored in the state file: definition + status
@@ -325,6 +326,18 @@ class Ablation:
         self.say(f"{self.tag(cell)} {_outcome_line(cell)}")
         return cell["status"] != "pending"
 
+    def progress_of(self, cell: Cell) -> str:
+        """A running cell's progress from its run directory's status file (workers show no bars)."""
+        try:
+            status = json.loads((self.state.root / cell["dir"] / PROGRESS).read_text())
+            line = f"[{status['label']}] step {status['step']}/{status['total']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "preparing (no progress yet)"
+        info = f" {status['info']}" if status.get("info") else ""
+        remaining = (status["total"] - status["step"]) / status["steps_per_s"] if status.get("steps_per_s") else None
+        eta = f", stage ends in ~{remaining / 60:.0f} min" if remaining is not None else ""
+        return f"{line}{info} ({status['steps_per_s']:.2f} steps/s{eta})"
+
     def run_serial(self, todo: list[Cell]) -> bool:
         for cell in todo:
             self.start(cell)
@@ -353,6 +366,8 @@ class Ablation:
     def _drain(self, pool: ProcessPoolExecutor, cells: list[Cell], jobs: int,
                teachers: dict[int, Path | None]) -> bool:
         """Keep up to ``jobs`` cells running; after Ctrl-C let the running ones checkpoint and stop."""
+        from rich.markup import escape
+
         queue = list(cells)
         running: dict[Future, Cell] = {}
         fine_tuning: dict[int, Path] = {}  # running cell -> the teacher it is fine-tuning
@@ -373,7 +388,10 @@ class Ablation:
             if not running:
                 break
             try:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
+                if not done:
+                    for cell in running.values():
+                        self.say(f"{self.tag(cell)} {escape(self.progress_of(cell))}")
             except KeyboardInterrupt:
                 complete = False
                 self.say("interrupt: waiting for the running cells to checkpoint and stop")

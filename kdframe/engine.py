@@ -26,7 +26,7 @@ from kdframe.parallel import Processes
 from kdframe.plugins import PluginHost, load_plugins
 from kdframe.progress import Progress
 from kdframe.recipe import Recipe, ResolvedStage, load_recipe, resolve_recipe, resolve_stage, to_plain
-from kdframe.rundir import RunDir, recipe_toml
+from kdframe.rundir import PROGRESS, RunDir, recipe_toml
 from kdframe.teacher_cache import TeacherCache, open_teacher_cache
 from kdframe.types import Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
 
@@ -615,6 +615,8 @@ def start_run(recipe_path: str, overrides: list[str], plugin_args: list[str], ou
         run_dir = RunDir(path)
     run_dir.writes = trainer.is_main
     trainer.run_dir = run_dir
+    if trainer.is_main:
+        trainer.progress.status_file = run_dir.path / PROGRESS
     run_dir.write_env(session.recipe.seed, str(trainer.device),
                       [attrs.asdict(info) for info in session.host.infos])
     trainer.progress.message(f"run directory: {run_dir.path.resolve()}")

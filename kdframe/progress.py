@@ -1,10 +1,20 @@
-"""Progress display for long stages: a rich bar, plain lines, or nothing."""
+"""Progress display for long stages: a rich bar, plain lines, or nothing; and a status file.
+
+The status file (``progress.json`` in the run directory) holds the current stage's label, step,
+total and rate, rewritten atomically at most every few seconds: ``kdframe ablate --jobs`` reads it
+to show the progress of cells running quietly in worker processes, and anyone can watch it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+STATUS_EVERY_S = 2.0
 
 
 class Progress:
@@ -16,6 +26,8 @@ class Progress:
         self._task: Any = None
         self._started = 0.0
         self._total = 0
+        self.status_file: Path | None = None
+        self._status_at = 0.0
 
     def start(self, label: str, total: int, done: int) -> None:
         self._started = time.monotonic()
@@ -31,14 +43,30 @@ class Progress:
         elif self.mode == "plain":
             print(f"[{label}] {done}/{total} steps", file=sys.stderr, flush=True)
         self._label = label
+        self._write_status(done, "", force=True)
 
     def update(self, step: int, info: str, every: int) -> None:
+        self._write_status(step, info, force=step == self._total)
         if self.mode == "rich":
             self._bar.update(self._task, completed=step, info=info)
         elif self.mode == "plain" and (step % every == 0 or step == self._total):
-            elapsed = time.monotonic() - self._started
-            rate = (step - self._first) / elapsed if elapsed > 0 else 0.0
-            print(f"[{self._label}] step {step}/{self._total} {info} {rate:.2f} steps/s", file=sys.stderr, flush=True)
+            print(f"[{self._label}] step {step}/{self._total} {info} {self._rate(step):.2f} steps/s",
+                  file=sys.stderr, flush=True)
+
+    def _rate(self, step: int) -> float:
+        elapsed = time.monotonic() - self._started
+        return (step - self._first) / elapsed if elapsed > 0 else 0.0
+
+    def _write_status(self, step: int, info: str, force: bool) -> None:
+        now = time.monotonic()
+        if self.status_file is None or (not force and now - self._status_at < STATUS_EVERY_S):
+            return
+        self._status_at = now
+        status = {"label": self._label, "step": step, "total": self._total, "info": info,
+                  "steps_per_s": round(self._rate(step), 3), "time": time.time()}
+        partial = self.status_file.with_name(self.status_file.name + ".tmp")
+        partial.write_text(json.dumps(status))
+        os.replace(partial, self.status_file)
 
     def message(self, text: str) -> None:
         if self.mode == "rich" and self._bar is not None:

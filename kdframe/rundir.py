@@ -16,6 +16,7 @@ from kdframe.errors import KdframeError
 
 RECIPE = "recipe.resolved.toml"
 CHECKPOINT = "checkpoint.pt"
+PROGRESS = "progress.json"  # kdframe.progress: the current stage's step, rewritten as it trains
 
 
 def _drop_none(value: Any) -> Any:

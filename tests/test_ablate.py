@@ -199,3 +199,38 @@ def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
     assert events.index(("start", "b1")) < events.index(("end", "a1"))  # no idle process
     assert events.index(("end", "a1")) < events.index(("start", "a2"))  # a2 found the teacher cached
     assert {c["status"] for c in cells} == {"done"}
+
+
+def test_parallel_ablation_prints_the_running_cells_progress(tmp_path, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kdframe import ablate
+    from kdframe.progress import Progress
+
+    monkeypatch.setattr(ablate, "PROGRESS_EVERY_S", 0.02)
+    cell = {"task": "mrpc", "variant": "kd", "seed": 1, "dir": "cells/x", "recipe": "", "overrides": []}
+    lines, seen = [], threading.Event()
+
+    def fake_run_cell(cell, root, progress_mode, plugins):
+        progress = Progress("off")
+        progress.status_file = tmp_path / cell["dir"] / "progress.json"
+        progress.status_file.parent.mkdir(parents=True)
+        progress.start("distil", 10, 0)
+        progress.update(3, "loss 0.5000", 1)  # throttled: the file still says step 0
+        progress.update(10, "loss 0.2500", 1)  # the last step is always written
+        assert seen.wait(5)
+        return {"status": "done", "wall_time_s": 0.0, "main_metric": "f1", "best": 0.5, "final": 0.5}
+
+    def say(text):
+        lines.append(text)
+        if "step 10/10" in text:
+            seen.set()
+
+    monkeypatch.setattr(ablate, "run_cell", fake_run_cell)
+    runner = ablate.Ablation(ablate.State(tmp_path, "ablation.json", {"cells": [cell]}), "plain", [], say)
+    with ThreadPoolExecutor(1) as pool:
+        assert runner._drain(pool, [cell], 1, {id(cell): None})
+    progress_lines = [line for line in lines if "step " in line]
+    assert progress_lines and "\\[distil] step 10/10 loss 0.2500" in progress_lines[-1]
+    assert not any("step 3/10" in line for line in lines)

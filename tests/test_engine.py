@@ -38,6 +38,10 @@ def test_run_directory_holds_everything(reference_run):
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     assert {"att", "hid", "emb", "pred", "lr"} <= set(train[0])
     assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    # the last stage's last step is always written, even inside the status file's 2 s throttle
+    progress = json.loads((reference_run / "progress.json").read_text())
+    assert (progress["label"], progress["step"], progress["total"]) == ("distil", 8, 8)
+    assert progress["info"].startswith("loss ") and " dev f1 " in progress["info"]
 
 
 def test_logged_flows_have_the_logged_weights_as_marginals(reference_run):
