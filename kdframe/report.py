@@ -220,6 +220,36 @@ def _write_csv(root: Path, rows: list[dict[str, Any]]) -> Path:
     return root / "results.csv"
 
 
+def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[str, Any], Run]]) -> list[str]:
+    """Each variant against the grid's first, paired by seed.
+
+    Cells with the same seed share the data order and the student's initialisation, so the
+    per-seed difference removes much of the seed-to-seed spread that the mean ± std table mixes in.
+    """
+    scores = {(cell["variant"], cell["seed"]): run for cell, run in entries if run.summary}
+    reference = variants[0]
+    rows = []
+    for variant in variants[1:]:
+        seeds = [seed for (v, seed) in scores if v == variant and (reference, seed) in scores]
+        if not seeds:
+            continue
+        diffs = {part: [scores[variant, seed].student(part).get(metric, float("nan"))
+                        - scores[reference, seed].student(part).get(metric, float("nan")) for seed in seeds]
+                 for part in ("best", "final")}
+        stats = {part: _mean_std(d) for part, d in diffs.items()}
+        mean, std = stats["final"]
+        t = mean / (std / len(seeds) ** 0.5) if std else None
+        rows.append([variant, *(f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else "") for m, sd in stats.values()),
+                     f"{sum(d > 0 for d in diffs['final'])}/{len(seeds)}", f"{t:+.2f}" if t is not None else "-"])
+    if not rows:
+        return []
+    return [f"Paired by seed against **{reference}** (variant minus {reference}, dev {metric}; same seed = same"
+            " data order and student initialisation). |t| = |mean| / (std / sqrt(n)); with 3 seeds only"
+            " |t| > 4.3 is a difference at the 5 % level (two-sided, 2 degrees of freedom).", "",
+            *_markdown_table(["variant", f"Δ best {metric}", f"Δ final {metric}",
+                              "seeds with higher final", "t (final)"], rows)]
+
+
 # -- an ablation directory ----------------------------------------------------------------------
 
 def _task_section(task: str, entries: list[tuple[dict[str, Any], Run]], root: Path) -> tuple[list[str], list[Path]]:
@@ -255,6 +285,7 @@ def _task_section(task: str, entries: list[tuple[dict[str, Any], Run]], root: Pa
     header = ["variant", f"best dev {metric}", f"final dev {metric}", "n", "params", "params / teacher",
               "training time (s)"]
     lines += _markdown_table(header, rows)
+    lines += _paired_section(metric, variants, entries)
 
     written = []
     curve = plot_dev_curves({v: [r.dev_curve(metric) for r in runs] for v, runs in by_variant.items()}, metric,

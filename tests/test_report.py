@@ -101,3 +101,20 @@ def test_shard_state_files_are_reported_together(tmp_path):
 def test_neither_kind_of_directory_is_bad_input(tmp_path):
     with pytest.raises(KdframeError, match="neither an ablation directory"):
         write_report(tmp_path)
+
+
+def test_variants_are_paired_by_seed_against_the_first(tmp_path):
+    root = tmp_path / "abl"
+    cells = []
+    for variant, bests, finals in (("emd", (0.80, 0.82, 0.84), (0.70, 0.72, 0.74)),
+                                   ("kd", (0.80, 0.80, 0.80), (0.71, 0.75, 0.74))):
+        for seed, (best, final) in enumerate(zip(bests, finals), 1):
+            write_run(root / f"cells/mrpc/{variant}/seed{seed}", best, final, seed=seed)
+            cells.append({"variant": variant, "seed": seed, "status": "done"})
+    write_run(root / "cells/mrpc/pkd/seed4", seed=4)  # no emd run with seed 4 to pair it with
+    write_state(root, cells + [{"variant": "pkd", "seed": 4, "status": "done"}])
+    write_report(root)
+    report = (root / "report.md").read_text()
+    # final differences +0.01, +0.03, 0.00: mean 0.0133, sample std 0.0153, t = 0.0133 / (0.0153 / sqrt 3)
+    assert "| kd | -0.0200 ± 0.0200 | +0.0133 ± 0.0153 | 2/3 | +1.51 |" in report
+    assert "| pkd |" in report and report.count("| pkd |") == 1  # in the mean table only
