@@ -2,7 +2,7 @@
 
 An ablation directory (it holds ablation.json, or one state file per shard) gets ``results.csv``
 (one row per cell), ``report.md`` (per task: mean ± std over seeds of each variant's best and final
-dev score) and ``plots/``: ``<task>_dev_curve.png`` and, per variant that logged layer flows,
+dev score, and each variant's difference to the first, paired by seed) and ``plots/``: ``<task>_dev_curve.png`` and, per variant that logged layer flows,
 ``<task>_<variant>_flow_start.png``, ``_flow_end.png`` and ``_layer_weights.png``. A run directory
 (it holds summary.json or metrics.jsonl) gets ``report.md`` and the same plots in its ``plots/``.
 
