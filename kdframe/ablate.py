@@ -30,7 +30,7 @@ The ablation directory::
     results.csv, report.md, plots/         kdframe.report, written at the end
 
 Cells of one task share one fine-tuned teacher through the engine's teacher cache (keyed by the
-teacher spec, data and teacher.seed, not the recipe seed): only the first such cell fine-tunes it.
+teacher spec, the data's content and teacher.seed, not the recipe seed): only the first such cell fine-tunes it.
 With ``--jobs N`` the cells run in N spawned processes; one cell per uncached teacher runs first
 and the other cells of that teacher wait for it, so that they find it cached instead of each
 fine-tuning it, while cells whose teacher is cached (or that need none) use the free processes.
@@ -65,7 +65,7 @@ import attrs
 
 from kdframe.errors import KdframeError, RecipeError, RunFailed
 from kdframe.recipe import load_recipe, read_toml, resolve_recipe, structure
-from kdframe.registry import StrategyRegistry
+from kdframe.plugins import PluginHost
 from kdframe.rundir import CHECKPOINT, PROGRESS, RunDir
 
 STATE = "ablation.json"
@@ -275,18 +275,18 @@ def _outcome_line(cell: Cell) -> str:
     return "[yellow]interrupted[/yellow] (checkpointed)"
 
 
-def _teacher_to_cache(cell: Cell, registry: StrategyRegistry) -> Path | None:
+def _teacher_to_cache(cell: Cell, host: PluginHost) -> Path | None:
     """The cached-teacher file this cell would fine-tune and write, if any."""
     from kdframe.engine import teacher_cache_path
 
     try:
         recipe, _ = load_recipe(cell["recipe"], cell["overrides"])
+        stages, problems = resolve_recipe(recipe, host.registry)
+        if problems or recipe.teacher.train is None or not any(s.needs_teacher(host.registry) for s in stages):
+            return None
+        return teacher_cache_path(recipe, host)
     except KdframeError:
         return None  # the cell fails when it runs, and is recorded like any failure
-    stages, problems = resolve_recipe(recipe, registry)
-    if problems or recipe.teacher.train is None or not any(s.needs_teacher(registry) for s in stages):
-        return None
-    return teacher_cache_path(recipe)
 
 
 def _init_worker(threads: int) -> None:
@@ -348,8 +348,8 @@ class Ablation:
     def run_parallel(self, todo: list[Cell], jobs: int) -> bool:
         from kdframe.plugins import load_plugins
 
-        registry = load_plugins(self.plugins).registry
-        teachers = {id(c): _teacher_to_cache(c, registry) for c in todo}
+        host = load_plugins(self.plugins)
+        teachers = {id(c): _teacher_to_cache(c, host) for c in todo}
         first: dict[Path, Cell] = {}
         for cell in todo:
             target = teachers[id(cell)]

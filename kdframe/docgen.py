@@ -313,6 +313,16 @@ def kdframe_load_data(data, task, split, tokenizer, cache_dir):
     rows = read_sick(data.glue_dir, split)[: data.train_limit or None]
     encoded = tokenizer([r.a for r in rows], [r.b for r in rows], truncation=True, max_length=data.max_length)
     return TokenizedSplit(task, split, encoded["input_ids"], encoded["token_type_ids"], [r.label for r in rows])'''),
+    "kdframe_data_fingerprint": HookNote(
+        "When a run needs a fine-tuned teacher (before looking in the teacher cache), and when"
+        " `kdframe ablate --jobs` plans which cells fine-tune a teacher.",
+        '''\
+@hookimpl
+def kdframe_data_fingerprint(data):
+    if data.task != "sick":
+        return None
+    files = [Path(data.glue_dir) / "SICK" / name for name in ("train.tsv", "dev.tsv")]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()'''),
     "kdframe_compute_metrics": HookNote(
         "After every dev evaluation: the teacher's, and each stage's at `eval_every` and at its end.",
         '''\

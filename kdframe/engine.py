@@ -185,10 +185,13 @@ def check_flow(host: PluginHost, ctx: StageContext, kind: str, flow: Any, cost: 
                       f" expected shape {tuple(cost.shape)} (student x teacher layers)")
 
 
-def teacher_cache_key(recipe: Recipe) -> str:
-    """A fine-tuned teacher depends on its spec, its training stage, the data and precision."""
+def teacher_cache_key(recipe: Recipe, host: PluginHost) -> str:
+    """A fine-tuned teacher depends on its spec, its training stage, the data's content and precision."""
     plain = to_plain(recipe)
     data = dict(plain["data"], cache_dir="")
+    content = host.call("kdframe_data_fingerprint", data=recipe.data)
+    if content is not None:  # the content stands for the files: where they are does not matter
+        data.update(glue_dir="", content=content)
     key = json.dumps({"teacher": plain["teacher"], "data": data, "precision": recipe.precision}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -201,9 +204,9 @@ def cache_root(recipe: Recipe) -> Path:
     return Path(os.environ.get("KDFRAME_CACHE", Path.home() / ".cache" / "kdframe"))
 
 
-def teacher_cache_path(recipe: Recipe) -> Path:
+def teacher_cache_path(recipe: Recipe, host: PluginHost) -> Path:
     """Where a fine-tuned teacher is cached, shared by every run (and ablation cell) with the same key."""
-    return cache_root(recipe) / "teachers" / f"{teacher_cache_key(recipe)}.pt"
+    return cache_root(recipe) / "teachers" / f"{teacher_cache_key(recipe, host)}.pt"
 
 
 # -- the trainer --------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ class Trainer:
         """Fine-tune the teacher (or take it from this run or the shared cache); evaluate it."""
         s = self.session
         teacher = s.teacher
-        cached = teacher_cache_path(s.recipe)
+        cached = teacher_cache_path(s.recipe, self.host)
         # The main process looks at the files: another process must not see one it has just written.
         found = self.processes.from_main("run" if self.run_dir.teacher.exists()
                                else "cache" if s.teacher_stage is not None and cached.exists() else None)

@@ -81,6 +81,17 @@ def kdframe_load_data(
 
 
 @hookspec(firstresult=True)
+def kdframe_data_fingerprint(data: Any) -> str | None:
+    """Identify the content of the recipe's ``[data]`` (a digest of its files, say), or return None
+    when the data is not yours.
+
+    Fine-tuned teachers are cached under a key made of this instead of the data's location: a
+    moved checkout keeps its teachers, and an edited data file gets a new teacher instead of a
+    stale one. Without an answer the key uses the ``[data]`` section as written, paths included.
+    """
+
+
+@hookspec(firstresult=True)
 def kdframe_compute_metrics(task: TaskInfo, predictions: Any, labels: Any) -> dict[str, float]:
     """Compute the task's metrics from predictions (class ids, or scores for regression)."""
 

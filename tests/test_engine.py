@@ -99,3 +99,28 @@ def test_export_loads_without_kdframe(reference_run, tmp_path):
     layers, params = loaded.stdout.split()
     summary = json.loads((reference_run / "summary.json").read_text())
     assert int(layers) == 2 and int(params) == summary["student"]["params"]
+
+
+def test_teacher_cache_key_follows_the_data_content_not_its_location(tmp_path):
+    import shutil
+
+    import attrs
+
+    from kdframe.engine import teacher_cache_key
+    from kdframe.plugins import load_plugins
+    from kdframe.recipe import load_recipe
+
+    host = load_plugins()
+    recipe, _ = load_recipe(SMOKE, [])
+
+    def key(glue_dir):
+        return teacher_cache_key(attrs.evolve(recipe, data=attrs.evolve(recipe.data, glue_dir=str(glue_dir))), host)
+
+    copies = [tmp_path / "a", tmp_path / "b"]
+    for copy in copies:
+        shutil.copytree(ROOT / "data" / "glue" / "MRPC", copy / "MRPC")
+    assert key(copies[0]) == key(copies[1])  # a moved or copied checkout keeps its teachers
+    dev = copies[1] / "MRPC" / "dev.tsv"
+    dev.write_text(dev.read_text().replace("\n1\t", "\n0\t", 1))  # one label changed
+    assert key(copies[0]) != key(copies[1])  # an edited file gets a new teacher, not a stale one
+    assert len({key(""), key(copies[0])}) == 2  # the hub's data is named, not read

@@ -10,7 +10,7 @@ from typing import Any
 
 from kdframe.api import TaskInfo, TokenizedSplit, hookimpl
 
-from kdframe_glue.loading import load_split
+from kdframe_glue.loading import data_fingerprint, load_split
 from kdframe_glue.metrics import METRICS, compute
 from kdframe_glue.tasks import TASKS
 
@@ -31,6 +31,12 @@ def kdframe_load_data(data: Any, task: TaskInfo, split: str, tokenizer: Any,
                       cache_dir: str | None) -> TokenizedSplit | None:
     glue = TASKS.get(task.name)
     return load_split(data, glue, split, tokenizer, cache_dir) if glue else None
+
+
+@hookimpl
+def kdframe_data_fingerprint(data: Any) -> str | None:
+    glue = TASKS.get(data.task)
+    return data_fingerprint(data, glue) if glue else None
 
 
 @hookimpl

@@ -46,6 +46,16 @@ def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any,
     return TokenizedSplit(task.info, split, source=source, **columns)
 
 
+def data_fingerprint(data: Any, task: GlueTask) -> str:
+    """What the task's train and dev data hold: a digest of the TSV files, or the frozen hub dataset's name."""
+    if not data.glue_dir:
+        return " + ".join(hub_name(task, split) for split in ("train", "dev"))
+    digest = hashlib.sha256()
+    for split in ("train", "dev"):
+        digest.update(tsv_path(data.glue_dir, task, split).read_bytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
 def tokenize(examples: Examples, tokenizer: Any, max_length: int) -> dict[str, list]:
     """Unpadded ids; the engine pads per batch. Tokenizers without segment ids get zeros."""
     encoded = tokenizer(*examples.texts, truncation=True, max_length=max_length)
