@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 from matplotlib.figure import Figure
+from scipy.stats import t as student_t
 
 from kdframe.ablate import SUMMARY, cell_label, state_files
 from kdframe.engine import TEACHER, iter_records
@@ -239,15 +240,18 @@ def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[s
         stats = {part: _mean_std(d) for part, d in diffs.items()}
         mean, std = stats["final"]
         t = mean / (std / len(seeds) ** 0.5) if std else None
+        p = 2 * student_t.sf(abs(t), len(seeds) - 1) if t is not None else None
         rows.append([variant, *(f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else "") for m, sd in stats.values()),
-                     f"{sum(d > 0 for d in diffs['final'])}/{len(seeds)}", f"{t:+.2f}" if t is not None else "-"])
+                     f"{sum(d > 0 for d in diffs['final'])}/{len(seeds)}", f"{t:+.2f}" if t is not None else "-",
+                     f"{p:.3f}" if p is not None else "-"])
     if not rows:
         return []
     return [f"Paired by seed against **{reference}** (variant minus {reference}, dev {metric}; same seed = same"
-            " data order and student initialisation). |t| = |mean| / (std / sqrt(n)); with 3 seeds only"
-            " |t| > 4.3 is a difference at the 5 % level (two-sided, 2 degrees of freedom).", "",
+            " data order and student initialisation). t = mean / (std / sqrt(n)) of the final differences;"
+            " p is its two-sided paired t-test (n - 1 degrees of freedom): with 3 seeds, only |t| > 4.3"
+            " gives p < 0.05.", "",
             *_markdown_table(["variant", f"Δ best {metric}", f"Δ final {metric}",
-                              "seeds with higher final", "t (final)"], rows)]
+                              "seeds with higher final", "t (final)", "p (final)"], rows)]
 
 
 # -- an ablation directory ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 
 import pytest
 
@@ -116,5 +117,8 @@ def test_variants_are_paired_by_seed_against_the_first(tmp_path):
     write_report(root)
     report = (root / "report.md").read_text()
     # final differences +0.01, +0.03, 0.00: mean 0.0133, sample std 0.0153, t = 0.0133 / (0.0153 / sqrt 3)
-    assert "| kd | -0.0200 ± 0.0200 | +0.0133 ± 0.0153 | 2/3 | +1.51 |" in report
+    # p: two-sided, t with 2 degrees of freedom: 2 * (1/2 - t / (2 sqrt(2 + t^2))) = 1 - t / sqrt(2 + t^2)
+    t = 0.04 / 3 / (statistics.stdev([0.01, 0.03, 0.0]) / 3 ** 0.5)
+    p = 1 - t / (2 + t * t) ** 0.5
+    assert f"| kd | -0.0200 ± 0.0200 | +0.0133 ± 0.0153 | 2/3 | +1.51 | {p:.3f} |" in report
     assert "| pkd |" in report and report.count("| pkd |") == 1  # in the mean table only
