@@ -19,48 +19,18 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linprog
 
-from kdframe.api import Features, ModelError, Selected, StageContext, TaskInfo
+from kdframe.api import Features, ModelError, StageContext
 from kdframe.plugins import load_plugins
 from kdframe.recipe import structure
+from kdframe.testing import MASK, make_context, random_features
 
 HOST = load_plugins(["no:sinkhorn"])  # the bundled strategies only, whatever else is installed
 REGISTRY = HOST.registry
 
 
-def make_ctx(M: int = 2, N: int = 4, *, losses: dict | None = None, mapping: str | None = None,
-             mapping_params: dict | None = None, weighting: str | None = None,
-             weighting_params: dict | None = None, regression: bool = False, d_s: int = 8, d_t: int = 12,
-             heads: tuple[int, int] = (2, 2)) -> StageContext:
-    """A context as the engine builds it; ``losses`` maps term -> raw params (weight 1)."""
-
-    def select(slot: str, name: str, raw: dict | None, weight: float = 1.0) -> Selected:
-        params, problems = structure(raw or {}, REGISTRY.get(slot, name).params)
-        assert not problems
-        return Selected(name, params, weight)
-
-    task = TaskInfo("stsb" if regression else "mrpc", 1 if regression else 2, ("acc",), "acc")
-    return StageContext(
-        run_dir=None, stage_index=0, stage=None, task=task, student_layers=M, teacher_layers=N,
-        student_hidden_size=d_s, teacher_hidden_size=d_t, student_heads=heads[0], teacher_heads=heads[1],
-        mapping=select("mapping", mapping, mapping_params) if mapping else None,
-        weighting=select("weighting", weighting, weighting_params) if weighting else None,
-        losses={name: select("loss", name, raw) for name, raw in (losses or {}).items()},
-        device=torch.device("cpu"),
-    )
-
-
-MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
-
-
-def make_features(layers: int, d: int, heads: int, seed: int, grad: bool = False, mask: torch.Tensor = MASK) -> Features:
-    """Random features: hidden (embedding + layers) and pre-softmax scores, masked keys set to 0."""
-    gen = torch.Generator().manual_seed(seed)
-    B, L = mask.shape
-    hidden = tuple(torch.randn(B, L, d, generator=gen).requires_grad_(grad) for _ in range(layers + 1))
-    keys = mask[:, None, None, :].bool()
-    attn = tuple((torch.randn(B, heads, L, L, generator=gen) * 3 * keys).requires_grad_(grad) for _ in range(layers))
-    logits = torch.randn(B, 2, generator=gen).requires_grad_(grad)
-    return Features(logits=logits, mask=mask, hidden=hidden, attn=attn)
+def make_ctx(M: int = 2, N: int = 4, *, d_s: int = 8, d_t: int = 12, **selection) -> StageContext:
+    """kdframe.testing's context with this module's host; ``d_s``/``d_t`` are the hidden sizes."""
+    return make_context(HOST, M, N, hidden_sizes=(d_s, d_t), **selection)
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -182,7 +152,7 @@ REAL_HID = MASK[:, :, None].bool()  # (B, L, 1)
 
 @pytest.mark.parametrize("tokens", ["all", "real"])
 def test_att_cost_equals_naive_loop(tokens: str) -> None:
-    student, teacher = make_features(3, 8, 4, seed=1, grad=True), make_features(6, 12, 4, seed=2)
+    student, teacher = random_features(3, 8, 4, seed=1, grad=True), random_features(6, 12, 4, seed=2)
     fast = costs.att_cost(student, teacher, costs.AttParams(tokens=tokens))
     slow = naive_costs(student.attn, teacher.attn, REAL_ATT if tokens == "real" else None)
     assert fast.shape == (3, 6)
@@ -203,7 +173,7 @@ def test_costs_stay_accurate_when_layers_are_close() -> None:
 
 def test_att_cost_all_tokens_is_the_reference_code() -> None:
     """TinyBERT/BERT-EMD: scores with the additive mask, entries <= -100 set to 0, MSE per pair."""
-    student, teacher = make_features(2, 8, 4, seed=3), make_features(4, 12, 4, seed=4)
+    student, teacher = random_features(2, 8, 4, seed=3), random_features(4, 12, 4, seed=4)
     additive = (1 - MASK[:, None, None, :].float()) * -10000.0
 
     def reference(a: torch.Tensor) -> torch.Tensor:
@@ -215,7 +185,7 @@ def test_att_cost_all_tokens_is_the_reference_code() -> None:
 
 
 def test_padding_adds_nothing_to_att_cost_with_real_tokens() -> None:
-    student, teacher = make_features(2, 8, 4, seed=5), make_features(4, 12, 4, seed=6)
+    student, teacher = random_features(2, 8, 4, seed=5), random_features(4, 12, 4, seed=6)
     pad_rows = ~MASK[:, None, :, None].bool() & MASK[:, None, None, :].bool()  # padded queries, real keys
     # Only the student's padded rows change (the same change on both sides would cancel).
     noisy = Features(student.logits, student.mask, student.hidden, tuple(a + 50.0 * pad_rows for a in student.attn))
@@ -225,7 +195,7 @@ def test_padding_adds_nothing_to_att_cost_with_real_tokens() -> None:
 
 
 def test_costs_stay_float32_under_autocast() -> None:
-    student, teacher = make_features(2, 8, 2, seed=17), make_features(4, 12, 2, seed=18)
+    student, teacher = random_features(2, 8, 2, seed=17), random_features(4, 12, 2, seed=18)
     plain = costs.att_cost(student, teacher, costs.AttParams())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = costs.att_cost(student, teacher, costs.AttParams())
@@ -233,7 +203,7 @@ def test_costs_stay_float32_under_autocast() -> None:
 
 
 def test_att_heads_must_match_unless_averaged() -> None:
-    student, teacher = make_features(2, 8, 2, seed=7, grad=True), make_features(4, 12, 4, seed=8)
+    student, teacher = random_features(2, 8, 2, seed=7, grad=True), random_features(4, 12, 4, seed=8)
     with pytest.raises(ModelError, match=r"student has 2 attention heads and the teacher 4.*average_heads = true"):
         costs.att_cost(student, teacher, costs.AttParams())
     with pytest.raises(ModelError, match="student has 2 attention heads and the teacher 4"):
@@ -246,7 +216,7 @@ def test_att_heads_must_match_unless_averaged() -> None:
 
 @pytest.mark.parametrize("tokens", ["all", "real"])
 def test_hid_cost_equals_naive_loop(tokens: str) -> None:
-    student, teacher = make_features(3, 8, 2, seed=9, grad=True), make_features(6, 12, 2, seed=10)
+    student, teacher = random_features(3, 8, 2, seed=9, grad=True), random_features(6, 12, 2, seed=10)
     proj = torch.nn.Linear(8, 12)
     fast = costs.hid_cost(student, teacher, proj, costs.HiddenParams(tokens=tokens))
     slow = naive_costs([proj(h) for h in student.hidden[1:]], teacher.hidden[1:], REAL_HID if tokens == "real" else None)
@@ -255,7 +225,7 @@ def test_hid_cost_equals_naive_loop(tokens: str) -> None:
 
 @pytest.mark.parametrize("d_s", [8, 12])
 def test_cls_cost_equals_naive_loop(d_s: int) -> None:
-    student, teacher = make_features(3, d_s, 2, seed=11, grad=True), make_features(6, 12, 2, seed=12)
+    student, teacher = random_features(3, d_s, 2, seed=11, grad=True), random_features(6, 12, 2, seed=12)
     proj = torch.nn.Linear(d_s, 12) if d_s != 12 else None
     project = proj if proj is not None else (lambda x: x)
     fast = costs.cls_cost(student, teacher, proj)
@@ -272,7 +242,7 @@ def test_costs_and_terms_follow_the_active_losses() -> None:
     extra = costs.kdframe_extra_parameters(ctx)
     w_h = extra[costs.W_H]
     assert isinstance(w_h, torch.nn.Linear) and (w_h.in_features, w_h.out_features) == (8, 12)
-    student, teacher = make_features(2, 8, 2, seed=13, grad=True), make_features(4, 12, 2, seed=14)
+    student, teacher = random_features(2, 8, 2, seed=13, grad=True), random_features(4, 12, 2, seed=14)
     found = costs.kdframe_layer_costs(student, teacher, ctx)
     assert set(found) == {"hid"}
     flows = {"hid": torch.rand(2, 4)}
@@ -295,7 +265,7 @@ def test_w_h_only_when_needed() -> None:
 def test_pt_term_is_the_mean_over_pkd_pairs() -> None:
     """PKD: [CLS] of student layers 1..M-1 and the skip teacher layers, normalised, one MSE."""
     ctx = make_ctx(3, 6, losses={"pt": {}}, mapping="pkd", d_s=12)
-    student, teacher = make_features(3, 12, 2, seed=15), make_features(6, 12, 2, seed=16)
+    student, teacher = random_features(3, 12, 2, seed=15), random_features(6, 12, 2, seed=16)
     found = costs.kdframe_layer_costs(student, teacher, ctx)
     flows = {"cls": pkd.kdframe_layer_mapping("cls", found["cls"], (None, None), ctx)}
     term = costs.kdframe_loss_terms(student, teacher, found, flows, {}, ctx)["pt"]
@@ -499,7 +469,7 @@ def test_one_engine_step(mapping: str, weighting: str | None, terms: dict) -> No
     ctx = make_ctx(M, N, losses=terms, mapping=mapping, weighting=weighting)
     extra = HOST.merged("kdframe_extra_parameters", ctx=ctx)
     HOST.call("kdframe_stage_start", ctx=ctx)
-    student, teacher = make_features(M, 8, 2, seed=20, grad=True), make_features(N, 12, 2, seed=21)
+    student, teacher = random_features(M, 8, 2, seed=20, grad=True), random_features(N, 12, 2, seed=21)
     found = HOST.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
     weights = {kind: (torch.full((M,), 1 / M), torch.full((N,), 1 / N)) for kind in found}
     flows = {kind: HOST.first("kdframe_layer_mapping", "a mapping", kind=kind, cost=cost, weights=weights[kind], ctx=ctx)
