@@ -323,7 +323,8 @@ class Ablation:
     def finish(self, cell: Cell, outcome: dict[str, Any]) -> bool:
         """Store a cell's outcome; False when it was interrupted."""
         self.state.update(cell, **outcome)
-        self.say(f"{self.tag(cell)} {_outcome_line(cell)}")
+        done = sum(c["status"] == "done" for c in self.state.cells)
+        self.say(f"{self.tag(cell)} {_outcome_line(cell)}; {done}/{len(self.state.cells)} cells done")
         return cell["status"] != "pending"
 
     def progress_of(self, cell: Cell) -> str:

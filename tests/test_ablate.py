@@ -50,6 +50,8 @@ def test_smoke_grid_runs_every_cell_and_reports(smoke_ablation):
     result, out = smoke_ablation
     assert result.returncode == 0, result.stderr
     assert "cell 14/14 mrpc/finetune/seed2" in result.stderr
+    said = " ".join(result.stderr.split())  # rich wraps long lines
+    assert "; 1/14 cells done" in said and "; 14/14 cells done" in said
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 14 and {r["status"] for r in rows} == {"done"}
     assert {(r["variant"], r["seed"]) for r in rows} == {
@@ -174,8 +176,8 @@ def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
 
     uncached, cached = tmp_path / "t.pt", tmp_path / "cached.pt"
     cached.write_text("")
-    cells = [{"task": t, "variant": "v", "seed": 1, "dir": f"cells/{t}", "recipe": "", "overrides": []}
-             for t in ("a1", "a2", "b1")]
+    cells = [{"task": t, "variant": "v", "seed": 1, "dir": f"cells/{t}", "recipe": "", "overrides": [],
+              "status": "pending"} for t in ("a1", "a2", "b1")]
     teachers = {id(cells[0]): uncached, id(cells[1]): uncached, id(cells[2]): cached}
     events, lock, release = [], threading.Lock(), threading.Event()
 
@@ -209,7 +211,8 @@ def test_parallel_ablation_prints_the_running_cells_progress(tmp_path, monkeypat
     from kdframe.progress import Progress
 
     monkeypatch.setattr(ablate, "PROGRESS_EVERY_S", 0.02)
-    cell = {"task": "mrpc", "variant": "kd", "seed": 1, "dir": "cells/x", "recipe": "", "overrides": []}
+    cell = {"task": "mrpc", "variant": "kd", "seed": 1, "dir": "cells/x", "recipe": "", "overrides": [],
+            "status": "pending"}
     lines, seen = [], threading.Event()
 
     def fake_run_cell(cell, root, progress_mode, plugins):
