@@ -311,6 +311,29 @@ def _task_section(task: str, entries: list[tuple[dict[str, Any], Run]], root: Pa
     return lines, written
 
 
+def _overview(tasks: list[str], entries: list[tuple[dict[str, Any], Run]]) -> list[str]:
+    """Variants x tasks: each task's main metric, final, mean ± std over the finished seeds."""
+    finished = [(cell, run) for cell, run in entries if run.summary]
+    metrics = {cell["task"]: run.summary["main_metric"] for cell, run in finished}
+    variants = list(dict.fromkeys(cell["variant"] for cell, _ in entries))
+    rows = []
+    for variant in variants:
+        row = [variant]
+        for task in tasks:
+            values = [run.student("final").get(metrics.get(task)) for cell, run in finished
+                      if (cell["task"], cell["variant"]) == (task, variant)]
+            found = [v for v in values if v is not None]
+            row.append(_cell_text(_mean_std(found)) + (f" (n={len(found)})" if found else ""))
+        rows.append(row)
+    teacher = ["*teacher*"]
+    for task in tasks:
+        scores = sorted({run.teacher["dev"][metrics[task]] for cell, run in finished
+                         if cell["task"] == task and run.teacher and metrics[task] in run.teacher.get("dev", {})})
+        teacher.append(_cell_text(_mean_std(scores)))
+    header = ["variant", *(f"{task} final {metrics.get(task, '')}".rstrip() for task in tasks)]
+    return ["## Overview: final dev score per task", "", *_markdown_table(header, rows + [teacher])]
+
+
 def _ablation_report(root: Path, files: list[Path]) -> list[Path]:
     states = [s for s in (_read_json(f) for f in files) if isinstance(s, dict)]
     cells = [cell for state in states for cell in state.get("cells", [])]
@@ -324,7 +347,10 @@ def _ablation_report(root: Path, files: list[Path]) -> list[Path]:
              f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", "",
              SELECTION_NOTE + " Mean ± sample standard deviation over seeds; n counts finished seeds."
              " Training time is the student's stages only (one cell per task also fine-tunes the teacher).", ""]
-    for task in dict.fromkeys(cell["task"] for cell in cells):
+    tasks = list(dict.fromkeys(cell["task"] for cell in cells))
+    if len(tasks) > 1:
+        lines += _overview(tasks, entries)
+    for task in tasks:
         section, plots = _task_section(task, [(c, r) for c, r in entries if c["task"] == task], root)
         lines += section
         written += plots

@@ -122,3 +122,21 @@ def test_variants_are_paired_by_seed_against_the_first(tmp_path):
     p = 1 - t / (2 + t * t) ** 0.5
     assert f"| kd | -0.0200 ± 0.0200 | +0.0133 ± 0.0153 | 2/3 | +1.51 | {p:.3f} |" in report
     assert "| pkd |" in report and report.count("| pkd |") == 1  # in the mean table only
+    assert "## Overview" not in report  # one task: its own table says it all
+
+
+def test_an_ablation_over_several_tasks_starts_with_an_overview(tmp_path):
+    root = tmp_path / "abl"
+    write_run(root / "cells/mrpc/emd/seed1", 0.80, 0.70)
+    write_run(root / "cells/mrpc/emd/seed2", 0.84, 0.74, seed=2)
+    write_run(root / "cells/rte/emd/seed1", 0.60, 0.55)
+    cells = [{"variant": "emd", "seed": 1, "status": "done"}, {"variant": "emd", "seed": 2, "status": "done"},
+             {"variant": "kd", "seed": 1, "status": "pending"}]
+    write_state(root, cells + [{"task": "rte", "dir": "cells/rte/emd/seed1", "variant": "emd", "seed": 1,
+                                "status": "done"}])
+    write_report(root)
+    report = (root / "report.md").read_text()
+    assert "| variant | mrpc final f1 | rte final f1 |" in report
+    assert "| emd | 0.7200 ± 0.0283 (n=2) | 0.5500 (n=1) |" in report
+    assert "| kd | - | - |" in report and "| *teacher* | 0.9000 | 0.9000 |" in report
+    assert report.index("## Overview") < report.index("## mrpc") < report.index("## rte")
