@@ -246,10 +246,12 @@ def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[s
                      f"{p:.3f}" if p is not None else "-"])
     if not rows:
         return []
+    pairs = {int(row[3].split("/")[1]) for row in rows}
+    critical = (f": with {n} seeds, only |t| > {student_t.ppf(0.975, n - 1):.2f} gives p < 0.05"
+                if len(pairs) == 1 and (n := pairs.pop()) > 1 else "")
     return [f"Paired by seed against **{reference}** (variant minus {reference}, dev {metric}; same seed = same"
             " data order and student initialisation). t = mean / (std / sqrt(n)) of the final differences;"
-            " p is its two-sided paired t-test (n - 1 degrees of freedom): with 3 seeds, only |t| > 4.3"
-            " gives p < 0.05.", "",
+            f" p is its two-sided paired t-test (n - 1 degrees of freedom){critical}.", "",
             *_markdown_table(["variant", f"Δ best {metric}", f"Δ final {metric}",
                               "seeds with higher final", "t (final)", "p (final)"], rows)]
 

@@ -121,6 +121,7 @@ def test_variants_are_paired_by_seed_against_the_first(tmp_path):
     t = 0.04 / 3 / (statistics.stdev([0.01, 0.03, 0.0]) / 3 ** 0.5)
     p = 1 - t / (2 + t * t) ** 0.5
     assert f"| kd | -0.0200 ± 0.0200 | +0.0133 ± 0.0153 | 2/3 | +1.51 | {p:.3f} |" in report
+    assert "with 3 seeds, only |t| > 4.30 gives p < 0.05" in report  # Student's t table, 2 d.o.f.
     assert "| pkd |" in report and report.count("| pkd |") == 1  # in the mean table only
     assert "## Overview" not in report  # one task: its own table says it all
 
