@@ -230,10 +230,12 @@ def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[s
     scores = {(cell["variant"], cell["seed"]): run for cell, run in entries if run.summary}
     reference = variants[0]
     rows = []
+    paired: set[int] = set()  # how many seeds each row pairs
     for variant in variants[1:]:
         seeds = [seed for (v, seed) in scores if v == variant and (reference, seed) in scores]
         if not seeds:
             continue
+        paired.add(len(seeds))
         diffs = {part: [scores[variant, seed].student(part).get(metric, float("nan"))
                         - scores[reference, seed].student(part).get(metric, float("nan")) for seed in seeds]
                  for part in ("best", "final")}
@@ -246,9 +248,8 @@ def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[s
                      f"{p:.3f}" if p is not None else "-"])
     if not rows:
         return []
-    pairs = {int(row[3].split("/")[1]) for row in rows}
     critical = (f": with {n} seeds, only |t| > {student_t.ppf(0.975, n - 1):.2f} gives p < 0.05"
-                if len(pairs) == 1 and (n := pairs.pop()) > 1 else "")
+                if len(paired) == 1 and (n := paired.pop()) > 1 else "")
     return [f"Paired by seed against **{reference}** (variant minus {reference}, dev {metric}; same seed = same"
             " data order and student initialisation). t = mean / (std / sqrt(n)) of the final differences;"
             f" p is its two-sided paired t-test (n - 1 degrees of freedom){critical}.", "",
