@@ -427,7 +427,7 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     header = {"grid": str(path.resolve()), "name": grid.name, "shard": shard}
     state = State.open(root, state_file_name(shard), resume, header, cells)
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per event, also in log files
     ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
     todo = [c for c in state.cells if c["status"] != "done"]
     ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
