@@ -221,6 +221,11 @@ def _write_csv(root: Path, rows: list[dict[str, Any]]) -> Path:
     return root / "results.csv"
 
 
+def _teacher_scores(runs: list[Run], metric: str) -> list[float]:
+    """The distinct teacher dev scores of these runs: cells share their task's teacher, so each counts once."""
+    return sorted({run.teacher["dev"][metric] for run in runs if run.teacher and metric in run.teacher.get("dev", {})})
+
+
 def _paired_section(metric: str, variants: list[str], entries: list[tuple[dict[str, Any], Run]]) -> list[str]:
     """Each variant against the grid's first, paired by seed.
 
@@ -283,8 +288,7 @@ def _task_section(task: str, entries: list[tuple[dict[str, Any], Run]], root: Pa
                      str(len(runs)), _millions(params),
                      f"{params / teacher_params:.2f}" if params and teacher_params else "-",
                      f"{statistics.fmean(times):.1f}" if times else "-"])
-    # Cells share their task's teacher: count each distinct teacher score once.
-    teacher_scores = sorted({t["dev"][metric] for t in teachers if metric in t.get("dev", {})})
+    teacher_scores = _teacher_scores([run for _, run in entries], metric)
     teacher_score = _mean_std(teacher_scores)
     if teacher_score is not None:
         rows.append(["*teacher*", _cell_text(teacher_score), "", str(len(teacher_scores)), _millions(teacher_params),
@@ -330,9 +334,8 @@ def _overview(tasks: list[str], entries: list[tuple[dict[str, Any], Run]]) -> li
         rows.append(row)
     teacher = ["*teacher*"]
     for task in tasks:
-        scores = sorted({run.teacher["dev"][metrics[task]] for cell, run in finished
-                         if cell["task"] == task and run.teacher and metrics[task] in run.teacher.get("dev", {})})
-        teacher.append(_cell_text(_mean_std(scores)))
+        runs = [run for cell, run in finished if cell["task"] == task]
+        teacher.append(_cell_text(_mean_std(_teacher_scores(runs, metrics[task]))) if runs else "-")
     header = ["variant", *(f"{task} final {metrics.get(task, '')}".rstrip() for task in tasks)]
     return ["## Overview: final dev score per task", "", *_markdown_table(header, rows + [teacher])]
 

@@ -134,10 +134,12 @@ def test_an_ablation_over_several_tasks_starts_with_an_overview(tmp_path):
     cells = [{"variant": "emd", "seed": 1, "status": "done"}, {"variant": "emd", "seed": 2, "status": "done"},
              {"variant": "kd", "seed": 1, "status": "pending"}]
     write_state(root, cells + [{"task": "rte", "dir": "cells/rte/emd/seed1", "variant": "emd", "seed": 1,
-                                "status": "done"}])
+                                "status": "done"},
+                               {"task": "stsb", "dir": "cells/stsb/emd/seed1", "variant": "emd", "seed": 1,
+                                "status": "pending"}])  # a task with nothing finished yet
     write_report(root)
     report = (root / "report.md").read_text()
-    assert "| variant | mrpc final f1 | rte final f1 |" in report
-    assert "| emd | 0.7200 ± 0.0283 (n=2) | 0.5500 (n=1) |" in report
-    assert "| kd | - | - |" in report and "| *teacher* | 0.9000 | 0.9000 |" in report
+    assert "| variant | mrpc final f1 | rte final f1 | stsb final |" in report
+    assert "| emd | 0.7200 ± 0.0283 (n=2) | 0.5500 (n=1) | - |" in report
+    assert "| kd | - | - | - |" in report and "| *teacher* | 0.9000 | 0.9000 | - |" in report
     assert report.index("## Overview") < report.index("## mrpc") < report.index("## rte")
