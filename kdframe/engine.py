@@ -302,17 +302,18 @@ class Trainer:
         """Fine-tune the teacher (or take it from this run or the shared cache); evaluate it."""
         s = self.session
         teacher = s.teacher
-        cached = teacher_cache_path(s.recipe, self.host)
+        # Only a fine-tuned teacher is cached (its key reads the data files to fingerprint them).
+        cached = teacher_cache_path(s.recipe, self.host) if s.teacher_stage is not None else None
         # The main process looks at the files: another process must not see one it has just written.
         found = self.processes.from_main("run" if self.run_dir.teacher.exists()
-                               else "cache" if s.teacher_stage is not None and cached.exists() else None)
+                                         else "cache" if cached is not None and cached.exists() else None)
         if found == "run":
             teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
             source = "this run"
         elif found == "cache":
             teacher.model.load_state_dict(checkpoint.load(cached))
             source = f"cache {cached}"
-        elif s.teacher_stage is not None:
+        elif cached is not None:
             resume_state = state if state is not None and state.get("stage") == TEACHER else None
             generator_state = torch.get_rng_state()
             torch.manual_seed(s.recipe.teacher.seed)
