@@ -331,13 +331,13 @@ class Ablation:
         """A running cell's progress from its run directory's status file (workers show no bars)."""
         try:
             status = json.loads((self.state.root / cell["dir"] / PROGRESS).read_text())
-            line = f"[{status['label']}] step {status['step']}/{status['total']}"
+            step, total, rate = status["step"], status["total"], float(status["steps_per_s"])
+            line = f"[{status['label']}] step {step}/{total}"
         except (OSError, ValueError, KeyError, TypeError):
             return "preparing (no progress yet)"
         info = f" {status['info']}" if status.get("info") else ""
-        remaining = (status["total"] - status["step"]) / status["steps_per_s"] if status.get("steps_per_s") else None
-        eta = f", stage ends in ~{remaining / 60:.0f} min" if remaining is not None else ""
-        return f"{line}{info} ({status['steps_per_s']:.2f} steps/s{eta})"
+        eta = f", stage ends in ~{(total - step) / rate / 60:.0f} min" if rate else ""
+        return f"{line}{info} ({rate:.2f} steps/s{eta})"
 
     def run_serial(self, todo: list[Cell]) -> bool:
         for cell in todo:
