@@ -32,8 +32,9 @@ The ablation directory::
 Cells of one task share one fine-tuned teacher through the engine's teacher cache (keyed by the
 teacher spec, the data's content and teacher.seed, not the recipe seed): only the first such cell fine-tunes it.
 With ``--jobs N`` the cells run in N spawned processes; one cell per uncached teacher runs first
-and the other cells of that teacher wait for it, so that they find it cached instead of each
-fine-tuning it, while cells whose teacher is cached (or that need none) use the free processes.
+and the other cells of that teacher wait until it is cached (that cell goes on distilling), so
+that they load it instead of each fine-tuning it, while cells whose teacher is cached (or that need
+none) use the free processes.
 
 ``--resume`` skips done cells, continues an unfinished cell from its checkpoint, and restarts a cell
 that died before its first checkpoint (or failed before training) from scratch.
@@ -374,7 +375,10 @@ class Ablation:
         fine_tuning: dict[int, Path] = {}  # running cell -> the teacher it is fine-tuning
 
         def ready(cell: Cell) -> bool:
-            return teachers[id(cell)] not in fine_tuning.values()
+            # The cache file is written atomically when the teacher stage ends, long before the
+            # cell that fine-tunes it has distilled its student; polled every PROGRESS_EVERY_S.
+            target = teachers[id(cell)]
+            return target not in fine_tuning.values() or target.exists()
 
         complete = True
         while queue or running:

@@ -166,30 +166,40 @@ def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
 
 
 def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
-    """Two processes, teacher T uncached: its first cell fine-tunes it, the other T cell waits for it,
-    and a cell with a cached teacher runs beside the fine-tuning instead of leaving a process idle."""
+    """Two processes, teacher T uncached: its first cell fine-tunes it, a cell with a cached teacher
+    runs beside the fine-tuning instead of leaving a process idle, and the other T cell starts once
+    T is cached, while the first T cell is still distilling, not before."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from kdframe import ablate
 
+    monkeypatch.setattr(ablate, "PROGRESS_EVERY_S", 0.02)  # how often a waiting cell is re-checked
     uncached, cached = tmp_path / "t.pt", tmp_path / "cached.pt"
     cached.write_text("")
     cells = [{"task": t, "variant": "v", "seed": 1, "dir": f"cells/{t}", "recipe": "", "overrides": [],
               "status": "pending"} for t in ("a1", "a2", "b1")]
     teachers = {id(cells[0]): uncached, id(cells[1]): uncached, id(cells[2]): cached}
-    events, lock, release = [], threading.Lock(), threading.Event()
+    events, lock = [], threading.Lock()
+    b1_ended, a2_started = threading.Event(), threading.Event()
+
+    def record(*event):
+        with lock:
+            events.append(event)
 
     def fake_run_cell(cell, root, progress, plugins):
-        with lock:
-            events.append(("start", cell["task"]))
-        if cell["task"] == "a1":  # the teacher fine-tune: lasts until the cached-teacher cell ran
-            assert release.wait(5)
+        task = cell["task"]
+        record("start", task, uncached.exists())
+        if task == "a1":
+            assert b1_ended.wait(5)  # fine-tuning outlasts the cached-teacher cell
+            record("teacher cached")
             uncached.write_text("")
-        else:
-            release.set()
-        with lock:
-            events.append(("end", cell["task"]))
+            assert a2_started.wait(5)  # distilling: the waiting cell must not wait for this
+        elif task == "a2":
+            a2_started.set()
+        record("end", task)
+        if task == "b1":
+            b1_ended.set()
         return {"status": "done", "wall_time_s": 0.0, "main_metric": "m", "best": 1.0, "final": 1.0}
 
     monkeypatch.setattr(ablate, "run_cell", fake_run_cell)
@@ -197,9 +207,11 @@ def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
     runner = ablate.Ablation(state, "off", [], lambda text: None)
     with ThreadPoolExecutor(2) as pool:
         assert runner._drain(pool, cells, 2, teachers)
-    assert events.index(("start", "b1")) < events.index(("end", "a1"))  # no idle process
-    assert events.index(("end", "a1")) < events.index(("start", "a2"))  # a2 found the teacher cached
     assert {c["status"] for c in cells} == {"done"}
+    starts = {e[1]: (i, e[2]) for i, e in enumerate(events) if e[0] == "start"}
+    assert starts["b1"][0] < events.index(("end", "a1"))  # no idle process during the fine-tune
+    assert starts["a2"][1] and starts["a2"][0] > events.index(("teacher cached",))  # found T cached
+    assert starts["a2"][0] < events.index(("end", "a1"))  # did not wait for a1's distillation
 
 
 def test_parallel_ablation_prints_the_running_cells_progress(tmp_path, monkeypatch):
