@@ -101,7 +101,7 @@ class Arm:
         import attrs
         import torch
 
-        from kdframe.engine import param_groups, schedule, stage_context
+        from kdframe.engine import adamw, schedule, stage_context
         from kdframe.recipe import load_recipe, resolve_recipe
 
         s, device = bench.session, bench.trainer.device
@@ -121,7 +121,7 @@ class Arm:
         for module in extra.values():
             module.to(device)
         stage = self.resolved.stage
-        self.optimizer = torch.optim.AdamW(param_groups([self.student.model, *extra.values()], stage.weight_decay), lr=stage.lr)
+        self.optimizer = adamw([self.student.model, *extra.values()], stage.weight_decay, stage.lr, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule("constant", 0.0, 10**6))
         s.host.call("kdframe_stage_start", ctx=self.ctx)
         self.modules = [self.student.model, *extra.values()]

@@ -1,7 +1,7 @@
 """The optimizer phase of a step: AdamW implementations on the student + W_h, with grad clipping.
 
-kdframe.engine builds ``torch.optim.AdamW(param_groups(...), lr=...)`` and clips with
-``clip_grad_norm_`` every step. On the CPU, torch's default AdamW is the per-parameter loop
+kdframe.engine clips with ``clip_grad_norm_`` every step and builds its AdamW fused (``adamw``);
+it was torch's default before these measurements, which on the CPU is the per-parameter loop
 (foreach is the default on CUDA only). This times one ``clip_grad_norm_ + step`` for the default,
 ``foreach=True`` and ``fused=True`` on the same parameters and gradients, interleaved, and checks
 that they produce the same update. Student: the 3-layer MiniLM student of recipes/emd_glue.toml

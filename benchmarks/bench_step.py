@@ -93,7 +93,7 @@ class Arm:
         import attrs
         import torch
 
-        from kdframe.engine import param_groups, schedule, stage_context
+        from kdframe.engine import adamw, schedule, stage_context
         from kdframe.recipe import load_recipe, resolve_recipe
 
         host, registry = session.host, session.host.registry
@@ -120,7 +120,7 @@ class Arm:
         for module in extra.values():
             module.to(device)
         self.optimizer = trainer.accelerator.prepare_optimizer(
-            torch.optim.AdamW(param_groups([model, *extra.values()], stage.weight_decay), lr=stage.lr))
+            adamw([model, *extra.values()], stage.weight_decay, stage.lr, device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(stage.schedule, stage.warmup_ratio, 10**6))
         host.call("kdframe_stage_start", ctx=self.ctx)
         self.modules = [model, *extra.values()]

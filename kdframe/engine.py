@@ -169,6 +169,12 @@ def param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(modules: list[torch.nn.Module], weight_decay: float, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """The stages' optimizer. Fused on CPU and CUDA: one kernel over all parameters instead of a
+    Python loop, 5x faster on CPU for a MiniLM student and equal to 1e-7 (docs/performance.md)."""
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
 def uniform_weights(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((m,), 1.0 / m, device=device), torch.full((n,), 1.0 / n, device=device)
 
@@ -385,7 +391,7 @@ class Trainer:
             module.to(self.device)
         # Prepared by accelerate so fp16 loss scaling is unscaled before clipping and overflowing steps are skipped.
         optimizer = self.accelerator.prepare_optimizer(
-            torch.optim.AdamW(param_groups([model, *extra.values()], stage.weight_decay), lr=stage.lr))
+            adamw([model, *extra.values()], stage.weight_decay, stage.lr, self.device))
         steps_per_epoch = math.ceil(len(s.train) / stage.batch_size)
         total = stage.max_steps if stage.max_steps else stage.epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(stage.schedule, stage.warmup_ratio, total))

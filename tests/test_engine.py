@@ -1,5 +1,6 @@
 """End-to-end runs on tiny models: run directory contents, kill-and-resume equivalence, export."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from kdframe.engine import adamw, param_groups
 
 SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
 
@@ -70,6 +72,39 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, kill):
     assert read_jsonl(out / "layer_weights.jsonl") == read_jsonl(reference_run / "layer_weights.jsonl")
     distil = lambda d: [r for r in read_jsonl(d / "metrics.jsonl") if r["stage"] == "distil"]  # noqa: E731
     assert distil(out) == distil(reference_run)
+
+
+def test_fused_adamw_steps_like_the_for_loop_and_resumes_its_state():
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    loop_model = copy.deepcopy(fused_model)
+    start = [p.detach().clone() for p in loop_model.parameters()]
+    fused = adamw([fused_model], 0.01, 1e-2, torch.device("cpu"))
+    loop = torch.optim.AdamW(param_groups([loop_model], 0.01), lr=1e-2, foreach=False)
+    assert fused.param_groups[0]["fused"]
+
+    def steps(count, pairs):
+        for _ in range(count):
+            x = torch.randn(4, 8)
+            for model, optimizer in pairs:
+                optimizer.zero_grad()
+                model(x).pow(2).sum().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+
+    steps(5, [(fused_model, fused), (loop_model, loop)])
+    for p, q, p0 in zip(fused_model.parameters(), loop_model.parameters(), start):
+        assert not torch.allclose(q, p0)
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    # a checkpoint written before the optimizer was fused holds the for-loop's state (and its
+    # settings, which load_state_dict restores): it resumes. deepcopy: a loaded checkpoint shares no
+    # tensors with the optimizer that wrote it.
+    resumed_model = copy.deepcopy(loop_model)
+    resumed = adamw([resumed_model], 0.01, 1e-2, torch.device("cpu"))
+    resumed.load_state_dict(copy.deepcopy(loop.state_dict()))
+    steps(3, [(resumed_model, resumed), (loop_model, loop)])
+    for p, q in zip(resumed_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
 def test_resume_refuses_a_run_of_another_recipe(reference_run):
