@@ -55,21 +55,20 @@ def pairwise_mse(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tenso
     """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
 
     ``student`` (M, *shape) and ``teacher`` (N, *shape) are stacked layers; ``keep`` is a 0/1
-    tensor broadcastable to ``shape`` (None keeps every entry). One matmul through
-    ||a||^2 + ||b||^2 - 2 a.b instead of M*N passes over the features.
+    tensor broadcastable to ``shape`` (None keeps every entry). One pass over the differences per
+    pair: the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close
+    layers (where training starts) in float32, and in float64 it took more time and memory than
+    these M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
     """
-    # float64: the expansion cancels when a student layer is close to a teacher layer (where
-    # training starts and heads); in float32 a true cost of 1e-4 came out as 0.05 on real features.
     with torch.autocast(student.device.type, enabled=False):
-        s, t = student.double(), teacher.double()
+        s, t = student.float(), teacher.float()
         count: Any = s[0].numel()
         if keep is not None:
-            keep = keep.double()
+            keep = keep.float()
             s, t = s * keep, t * keep  # keep is 0/1, so (s*k - t*k)^2 = k (s - t)^2
             count = keep.expand(s.shape[1:]).sum()
-        s, t = s.flatten(1), t.flatten(1)
-        squared = (s * s).sum(1)[:, None] + (t * t).sum(1)[None, :] - 2 * s @ t.T
-        return (squared.clamp_min(0) / count).float()  # rounding can leave tiny negatives
+        # mse_loss keeps only its two inputs (views of s and t) for the backward, no differences
+        return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
 
 
 def check_heads(student_heads: int, teacher_heads: int, params: AttParams) -> None:
