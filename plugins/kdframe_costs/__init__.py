@@ -12,6 +12,7 @@ is the one used here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -51,23 +52,25 @@ class AttParams:
     average_heads: bool = False
 
 
-def pairwise_mse(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
     """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
 
-    ``student`` (M, *shape) and ``teacher`` (N, *shape) are stacked layers; ``keep`` is a 0/1
-    tensor broadcastable to ``shape`` (None keeps every entry). One pass over the differences per
-    pair: the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close
-    layers (where training starts) in float32, and in float64 it took more time and memory than
-    these M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
+    ``student`` (M layers) and ``teacher`` (N layers) hold tensors of one shape, as sequences or
+    stacked along dim 0 (not stacked here: each pair is read on its own). ``keep`` is a 0/1 tensor
+    broadcastable to that shape (None keeps every entry). One pass over the differences per pair:
+    the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close layers
+    (where training starts) in float32, and in float64 it took more time and memory than these
+    M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
     """
-    with torch.autocast(student.device.type, enabled=False):
-        s, t = student.float(), teacher.float()
+    with torch.autocast(student[0].device.type, enabled=False):
+        s, t = [layer.float() for layer in student], [layer.float() for layer in teacher]
         count: Any = s[0].numel()
         if keep is not None:
             keep = keep.float()
-            s, t = s * keep, t * keep  # keep is 0/1, so (s*k - t*k)^2 = k (s - t)^2
-            count = keep.expand(s.shape[1:]).sum()
-        # mse_loss keeps only its two inputs (views of s and t) for the backward, no differences
+            s, t = [layer * keep for layer in s], [layer * keep for layer in t]  # (s*k - t*k)^2 = k (s - t)^2
+            count = keep.expand(s[0].shape).sum()
+        # mse_loss keeps only its two inputs for the backward, no differences
         return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
 
 
@@ -83,10 +86,10 @@ def check_heads(student_heads: int, teacher_heads: int, params: AttParams) -> No
 
 def att_cost(student: Features, teacher: Features, params: AttParams) -> torch.Tensor:
     """D^att[i, j] = mean over (B, h, L, L) of (A^S_i - A^T_j)^2."""
-    s, t = torch.stack(student.attn), torch.stack(teacher.attn)  # (M|N, B, h, L, L)
-    check_heads(s.shape[2], t.shape[2], params)
+    s, t = student.attn, teacher.attn  # layers of (B, h, L, L)
+    check_heads(s[0].shape[1], t[0].shape[1], params)
     if params.average_heads:
-        s, t = s.mean(2, keepdim=True), t.mean(2, keepdim=True)
+        s, t = [a.mean(1, keepdim=True) for a in s], [a.mean(1, keepdim=True) for a in t]
     keep = None
     if params.tokens == "real":
         mask = student.mask.float()
@@ -101,9 +104,8 @@ def _token_keep(mask: torch.Tensor, tokens: str) -> torch.Tensor | None:
 
 def hid_cost(student: Features, teacher: Features, proj: torch.nn.Module, params: HiddenParams) -> torch.Tensor:
     """D^hid[i, j] = mean over (B, L, d_T) of (H^S_i W_h - H^T_j)^2, layers 1..M against 1..N."""
-    s = proj(torch.stack(student.hidden[1:]))  # (M, B, L, d_T): W_h applied to all layers at once
-    t = torch.stack(teacher.hidden[1:])
-    return pairwise_mse(s, t, _token_keep(student.mask, params.tokens))
+    s = [proj(h) for h in student.hidden[1:]]  # (B, L, d_T) per layer
+    return pairwise_mse(s, teacher.hidden[1:], _token_keep(student.mask, params.tokens))
 
 
 def cls_cost(student: Features, teacher: Features, proj: torch.nn.Module | None) -> torch.Tensor:
