@@ -5,14 +5,15 @@ Features are random tensors shaped like MiniLM's (12 heads, hidden 384): attenti
 For every size it times, on the same tensors:
 
 - ``batched``: kdframe_costs.att_cost + hid_cost, the functions the engine calls through
-  ``kdframe_layer_costs`` (they stack the layers; issue 8's results measured their one-matmul
-  form, since replaced by one ``F.mse_loss`` per pair of the stacks, docs/performance.md);
+  ``kdframe_layer_costs``. Issue 8's results measured their old form (layers stacked, one matmul
+  through ||a||^2 + ||b||^2 - 2 a.b); they now do one ``F.mse_loss`` per pair of unstacked
+  layers, like ``loop`` (docs/performance.md);
 - ``loop``: a per-pair Python loop of ``F.mse_loss(s_i, t_j)`` (the reference code's way; W_h
   applied once per student layer), written here;
-- ``lean`` (benchmark-local, a candidate replacement for ``pairwise_mse``): the same formula
-  without its full-size temporaries: squared norms through ``torch.linalg.vector_norm`` instead
-  of ``(s * s).sum(1)``, and ``2 * (s @ t.T)`` (scales the M x N product) instead of
-  ``2 * s @ t.T`` (which Python reads as ``(2 * s) @ t.T``: a full copy of the student stack);
+- ``lean`` (benchmark-local): the old one-matmul form without its full-size temporaries: squared
+  norms through ``torch.linalg.vector_norm`` instead of ``(s * s).sum(1)``, and ``2 * (s @ t.T)``
+  (scales the M x N product) instead of ``2 * s @ t.T`` (which Python reads as ``(2 * s) @ t.T``:
+  a full copy of the student stack);
 - forward only, and forward + backward of ``sum(F * D)`` (gradients flow to the student);
 - ``transport``: what one step spends after the costs for EMD + cost attention: kdframe_emd.emd_flow
   for att and hid, then kdframe_cost_attention.cost_attention.
