@@ -4,28 +4,49 @@ Anything not re-exported here is private and may change without notice.
 """
 
 from kdframe.errors import DataError, KdframeError, ModelError, PluginError, RecipeError, RunFailed
+from kdframe.fileio import atomic_write
+from kdframe.flows import check_layer_list, fixed_flow, outer_flow, solve_transport
 from kdframe.plugins import hookimpl
-from kdframe.recipe import bounded
-from kdframe.registry import NoParams, Strategy, StrategyRegistry
-from kdframe.types import FEATURES, Features, LoadedModel, Selected, StageContext, TaskInfo, TokenizedSplit
+from kdframe.recipe import bounded, path_field
+from kdframe.registry import DataSource, ModelSource, NoParams, Registry, Strategy, Task
+from kdframe.types import (
+    FEATURES,
+    Features,
+    LayerWeights,
+    LoadedModel,
+    Selected,
+    StageContext,
+    TaskInfo,
+    TokenizedSplit,
+)
 
 __all__ = [
     "FEATURES",
     "DataError",
+    "DataSource",
     "Features",
     "KdframeError",
+    "LayerWeights",
     "LoadedModel",
     "ModelError",
+    "ModelSource",
     "NoParams",
     "PluginError",
     "RecipeError",
+    "Registry",
     "RunFailed",
     "Selected",
     "StageContext",
     "Strategy",
-    "StrategyRegistry",
+    "Task",
     "TaskInfo",
     "TokenizedSplit",
+    "atomic_write",
     "bounded",
+    "check_layer_list",
+    "fixed_flow",
     "hookimpl",
+    "outer_flow",
+    "path_field",
+    "solve_transport",
 ]

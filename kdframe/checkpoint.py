@@ -1,32 +1,101 @@
-"""Atomic checkpoint files: written to a temp file in the same directory, fsynced, renamed."""
+"""Checkpoints: the typed training state, its file format, atomic writes, RNG state.
+
+``checkpoint.pt`` in a run directory is one of two shapes, both a plain dict of tensors and plain
+data (``torch.load(weights_only=True)`` reads it; nothing in it can run code):
+
+- a stage in progress (``Checkpoint.stage`` set): the stage's model, extra modules (W_h),
+  optimizer, scheduler, layer weights, plugin state, RNG states and position in the data;
+- the boundary after a finished stage (``stage`` None): the student's weights, and the index of
+  the next stage, which starts with a fresh optimizer.
+
+Format 1 (before the ``format`` key existed) has the same layout and is read as it is; a newer
+format than this kdframe knows is refused with a message.
+"""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
 from kdframe.errors import KdframeError
+from kdframe.fileio import atomic_write
+
+FORMAT = 2
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+@attrs.define
+class StageProgress:
+    """Where a stage stands; saved in every checkpoint of the stage, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch done
+    best: dict[str, float] | None = None  # the best dev metrics so far, and their step
+    best_step: int = 0
+    skipped: int = 0  # non-finite steps skipped (nonfinite = "skip")
+    last_eval: dict[str, float] | None = None
+
+
+@attrs.frozen
+class StageState:
+    """A stage in progress: what its loop needs to continue exactly as if it had not stopped."""
+
+    key: str  # the stage's name (or the teacher's key)
+    index: int  # its position in the recipe (-1: the teacher's fine-tuning)
+    extra: dict[str, dict[str, torch.Tensor]]  # the strategies' trainable modules (W_h)
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    weights: dict[str, list[torch.Tensor]]  # layer weights per cost kind: [student, teacher]
+    progress: StageProgress
+    plugins: dict[str, Any]  # kdframe_state_dict
+    rng: dict[str, Any]
+
+
+@attrs.frozen
+class Checkpoint:
+    stage_index: int  # the stage in progress, or (at a boundary) the next stage to run
+    model: dict[str, torch.Tensor]  # the student's weights (the teacher's during its fine-tuning)
+    summaries: dict[str, Any]  # summaries of the stages finished so far
+    stage: StageState | None = None
+
+    def to_file(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT, "stage": None, "stage_index": self.stage_index,
+                               "model": self.model, "summaries": self.summaries}
+        if self.stage is not None:
+            s = self.stage
+            out.update(stage=s.key, extra=s.extra, optimizer=s.optimizer, scheduler=s.scheduler, weights=s.weights,
+                       position=attrs.asdict(s.progress), plugins=s.plugins, rng=s.rng)
+        return out
+
+    @classmethod
+    def from_file(cls, raw: Any, path: Path) -> Checkpoint:
+        version = raw.get("format", 1) if isinstance(raw, dict) else None
+        if not isinstance(version, int) or version > FORMAT:
+            newer = f"format {version}, this kdframe reads formats 1 to {FORMAT}: update kdframe" \
+                if isinstance(version, int) else "not a kdframe checkpoint"
+            raise KdframeError(f"checkpoint {path} cannot be resumed ({newer})")
+        try:
+            stage = None
+            if raw["stage"] is not None:
+                stage = StageState(raw["stage"], raw["stage_index"], raw["extra"], raw["optimizer"], raw["scheduler"],
+                                   raw["weights"], StageProgress(**raw["position"]), raw["plugins"], raw["rng"])
+            return cls(raw["stage_index"], raw["model"], dict(raw["summaries"]), stage)
+        except (KeyError, TypeError) as exc:
+            raise KdframeError(f"checkpoint {path} is not a kdframe run checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def save(obj: Any, path: Path) -> None:
     """A kill at any point leaves either the old file or the new one, never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle), durable=True)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    return Checkpoint.from_file(load(path), path)
 
 
 def load(path: Path) -> Any:

@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from kdframe.errors import KdframeError, RunFailed
+from kdframe.errors import Interrupted, KdframeError, RunFailed
 
 
 def _common(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
@@ -38,7 +38,7 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     plugins = sub.add_parser("plugins", help="list loaded plugins and their strategies")
     _common(plugins, overrides=False)
 
-    export = sub.add_parser("export", help="write a run's student as a plain transformers model")
+    export = sub.add_parser("export", help="write a run's student in its model framework's own format")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
     _common(export, overrides=False)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from kdframe.plugins import load_plugins
 
         host = load_plugins(_preparse_plugins(argv))
-        args = build_parser(lambda p: host.call("kdframe_add_cli_options", parser=p)).parse_args(argv)
+        args = build_parser(host.add_cli_options).parse_args(argv)
         return COMMANDS[args.command](args)
     except SystemExit as exc:  # argparse: usage errors exit 2 already
         return int(exc.code or 0)
@@ -95,22 +95,20 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"kdframe: run failed: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:
+        print(f"kdframe: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("kdframe: aborted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from kdframe.engine import Interrupted
-
-        if isinstance(exc, Interrupted):
-            print(f"kdframe: {exc}", file=sys.stderr)
-            return Interrupted.exit_code
         traceback.print_exc()
         print(f"kdframe: run failed with an unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdframe.engine import start_run
+    from kdframe.runs import start_run
 
     if args.resume and args.out:
         raise KdframeError("--out and --resume cannot be used together: --resume DIR continues the run in DIR")
@@ -132,7 +130,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kdframe.engine import plan, prepare
+    from kdframe.plan import plan
+    from kdframe.session import prepare
 
     session = prepare(args.recipe, args.overrides, args.plugins)
     stages = plan(session)
@@ -148,10 +147,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     st = session.student
     console.print(f"student: {st.description}")
     for entry in stages:
-        losses = ", ".join(f"{k}={v:g}" for k, v in entry["losses"].items())
-        console.print(f"stage {entry['stage']!r}: mapping {entry['mapping']}, weighting {entry['weighting']},"
-                      f" losses {losses}; features {', '.join(entry['needs']) or 'logits only'}")
-        for kind, flow in entry["flows"].items():
+        losses = ", ".join(f"{k}={v:g}" for k, v in entry.losses.items())
+        console.print(f"stage {entry.stage!r}: mapping {entry.mapping}, weighting {entry.weighting},"
+                      f" losses {losses}; features {', '.join(entry.needs) or 'logits only'}")
+        for kind, flow in entry.flows.items():
             table = Table(title=f"initial {kind} flow (student layer x teacher layer), first dev batch")
             table.add_column("S\\T")
             for j in range(len(flow[0])):
@@ -171,17 +170,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     host = load_plugins(args.plugins)
     table = Table(title="kdframe plugins")
-    for column in ("name", "version", "source", "hooks", "strategies"):
+    for column in ("name", "version", "source", "hooks", "registers"):
         table.add_column(column)
     for info in host.infos:
-        strategies = ", ".join(f"{s.slot}:{s.name}" for s in host.registry.by_plugin(info.name))
-        table.add_row(info.name, info.version, info.source, ", ".join(host.hooks_of(info.name)), strategies)
+        table.add_row(info.name, info.version, info.source, ", ".join(host.hooks_of(info.name)),
+                      ", ".join(host.registry.by_plugin(info.name)))
     Console(width=200).print(table)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kdframe.engine import export
+    from kdframe.runs import export
 
     print(export(args.run_dir, args.out_dir, args.plugins))
     return 0

@@ -5,9 +5,9 @@ which are stale (exit 1). tests/test_docs.py fails when they are.
 
 recipes.md: every field of the attrs classes reachable from ``kdframe.recipe.Recipe`` (path,
 type, default, allowed values, bounds from ``bounded``, the field's trailing ``#`` comment), then
-every strategy of the bundled plugins with its params class. hooks.md: a section per hook in
-``kdframe.hookspecs`` (signature, mode, docstring) with the when-called note and example from
-``HOOK_NOTES`` below, which is where to edit them.
+the bundled plugins' data sources (their ``[data]`` keys and tasks), model sources and strategies
+with their params classes. hooks.md: a section per hook in ``kdframe.hookspecs``: signature, mode,
+and the docstring's description, ``Called:`` paragraph and ``Example::`` block (edit them there).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import attrs
 from kdframe import hookspecs
 from kdframe.plugins import load_plugins
 from kdframe.recipe import Recipe, converter
-from kdframe.registry import SLOTS, Strategy
+from kdframe.registry import SLOTS, DataSource, Registry, Strategy
 
 # -- recipes.md -------------------------------------------------------------------------------
 
@@ -60,6 +60,8 @@ def walk(cls: type, prefix: str = "") -> Iterator[Row]:
     """Every field reachable from ``cls``, depth first, with its path."""
     hints = typing.get_type_hints(cls)
     for field in attrs.fields(cls):
+        if field.metadata.get("source_params"):
+            continue  # the data source's own keys: documented per source
         tp = hints[field.name]
         path = prefix + field.name
         yield Row(path, field, tp, cls)
@@ -175,12 +177,31 @@ See [guide.md](guide.md) for how recipes are used.
 """
 
 
-def bundled_strategies() -> list[Strategy]:
-    """The strategies of the plugins shipped with kdframe (installed third-party ones excluded,
-    so that the docs do not depend on what is installed)."""
+def bundled() -> tuple[Registry, set[str]]:
+    """The registry and the names of the plugins shipped with kdframe: the docs list what these
+    register (installed third-party plugins excluded, so the docs do not depend on what is installed)."""
     host = load_plugins()
-    bundled = {info.name for info in host.infos if info.source == "bundled"}
-    return [s for s in host.registry.all() if s.plugin in bundled]
+    return host.registry, {info.name for info in host.infos if info.source == "bundled"}
+
+
+def bundled_strategies() -> list[Strategy]:
+    registry, plugins = bundled()
+    return [s for s in registry.all() if s.plugin in plugins]
+
+
+def _data_source_section(source: DataSource, registry: Registry) -> list[str]:
+    lines = [f"### data source `{source.name}`", ""]
+    if source.description:
+        lines += [source.description[0].upper() + source.description[1:] + ".", ""]
+    tasks = ", ".join(f"`{t.name}`" for t in registry.tasks() if t.source == source.name)
+    lines += [f"Plugin `{source.plugin}`; tasks: {tasks or '(none registered)'}.", ""]
+    if not attrs.fields(source.params):
+        return lines + ["No keys of its own.", ""]
+    if source.params.__doc__:
+        lines += [_doc(source.params), ""]
+    hints = typing.get_type_hints(source.params)
+    rows = [Row(f"data.{f.name}", f, hints[f.name], source.params) for f in attrs.fields(source.params)]
+    return lines + _table(rows) + [""]
 
 
 def strategy_param_path(strategy: Strategy, field: str) -> str:
@@ -244,7 +265,19 @@ def render_recipes() -> str:
         if _doc(cls):
             lines += [_doc(cls), ""]
         lines += _table(table_rows) + [""]
-    lines += ["## Strategies", "",
+    registry, plugins = bundled()
+    lines += ["## Data sources", "",
+              "`data.task` picks a task, and with it the data source that reads it (or name one with `data.source`).",
+              "A source's own keys sit in `[data]` beside the ones above. Registered by the bundled plugins;",
+              "`kdframe plugins` lists what is installed.", ""]
+    for source in registry.data_sources():
+        if source.plugin in plugins:
+            lines += _data_source_section(source, registry)
+    lines += ["## Model sources", "",
+              "`teacher.model`, `student.model` and the `tokenizer` keys take a directory, a hub id, or `NAME:...`",
+              "with one of these registered names:", ""]
+    lines += [f"- `{m.name}:` ({m.plugin}): {m.description}" for m in registry.model_sources() if m.plugin in plugins]
+    lines += ["", "## Strategies", "",
               "Registered by the plugins bundled with kdframe. An installed third-party plugin documents its own;",
               "`kdframe plugins` lists what is installed.", ""]
     for strategy in sorted(bundled_strategies(), key=lambda s: (SLOTS.index(s.slot), s.name)):
@@ -255,231 +288,31 @@ def render_recipes() -> str:
 # -- hooks.md ---------------------------------------------------------------------------------
 
 @attrs.frozen
-class HookNote:
-    called: str  # when the engine or CLI calls the hook
+class HookDoc:
+    """A hookspec's docstring in its three parts."""
+
+    text: str  # what the hook does
+    called: str  # when the engine or the CLI calls it
     example: str  # an implementation, as a plugin module writes it
 
+    @classmethod
+    def of(cls, func: Any) -> HookDoc:
+        doc = _doc(func)
+        text, marker, example = doc.partition("\n\nExample::\n\n")
+        paragraphs = text.split("\n\n")
+        called = [p for p in paragraphs if p.startswith("Called:")]
+        if not marker or len(called) != 1:
+            raise ValueError(f"{func.__name__}'s docstring needs one 'Called:' paragraph and an 'Example::' block")
+        text = "\n\n".join(p for p in paragraphs if not p.startswith("Called:"))
+        return cls(text, " ".join(called[0].removeprefix("Called:").split()), inspect.cleandoc(example))
 
-HOOK_NOTES: dict[str, HookNote] = {
-    "kdframe_register_strategies": HookNote(
-        "Once per command, right after every plugin is loaded (`kdframe run`, `validate`, `plugins`, ...).",
-        '''\
-@attrs.frozen
-class SinkhornParams:
-    reg: float = bounded(0.1, gt=0)
-
-@hookimpl
-def kdframe_register_strategies(registry):
-    registry.add("mapping", "sinkhorn", params=SinkhornParams, description="entropic OT")
-    registry.add("loss", "cos", needs=("hidden",), description="cosine of [CLS] vectors")'''),
-    "kdframe_add_cli_options": HookNote(
-        "While the `kdframe run` and `kdframe validate` parsers are built, before arguments are parsed.",
-        '''\
-@hookimpl
-def kdframe_add_cli_options(parser):
-    group = parser.add_argument_group("wandb plugin")
-    group.add_argument("--wandb-project", help="log metrics to this W&B project")'''),
-    "kdframe_validate_recipe": HookNote(
-        "By `kdframe run`, `validate` and `export` (and each ablation cell) after the recipe is structured"
-        " and its strategies resolved, before any model or data is loaded.",
-        '''\
-@hookimpl
-def kdframe_validate_recipe(recipe, registry):
-    return [f"stages[{i}].weighting: sinkhorn needs a weighting (uniform keeps the weights)"
-            for i, stage in enumerate(recipe.stages)
-            if stage.mapping and stage.mapping.strategy == "sinkhorn" and stage.weighting is None]'''),
-    "kdframe_task_info": HookNote(
-        "Once per command that loads a recipe, for `data.task`.",
-        '''\
-@hookimpl
-def kdframe_task_info(name):
-    if name != "sick":
-        return None
-    return TaskInfo("sick", 3, ("accuracy",), "accuracy", text_columns=("sentence_A", "sentence_B"))'''),
-    "kdframe_task_names": HookNote(
-        "Only when no plugin knows `data.task`, to list the known tasks in the error.",
-        '''\
-@hookimpl
-def kdframe_task_names():
-    return ["sick"]'''),
-    "kdframe_load_data": HookNote(
-        "After the models are loaded (tokenizer of the student), for `train`, then `dev`; not by"
-        " `kdframe export`.",
-        '''\
-@hookimpl
-def kdframe_load_data(data, task, split, tokenizer, cache_dir):
-    if task.name != "sick":
-        return None
-    rows = read_sick(data.glue_dir, split)[: data.train_limit or None]
-    encoded = tokenizer([r.a for r in rows], [r.b for r in rows], truncation=True, max_length=data.max_length)
-    return TokenizedSplit(task, split, encoded["input_ids"], encoded["token_type_ids"], [r.label for r in rows])'''),
-    "kdframe_data_fingerprint": HookNote(
-        "When a run needs a fine-tuned teacher (before looking in the teacher cache), and when"
-        " `kdframe ablate --jobs` plans which cells fine-tune a teacher.",
-        '''\
-@hookimpl
-def kdframe_data_fingerprint(data):
-    if data.task != "sick":
-        return None
-    files = [Path(data.glue_dir) / "SICK" / name for name in ("train.tsv", "dev.tsv")]
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()'''),
-    "kdframe_compute_metrics": HookNote(
-        "After every dev evaluation: the teacher's, and each stage's at `eval_every` and at its end.",
-        '''\
-@hookimpl
-def kdframe_compute_metrics(task, predictions, labels):
-    if task.metrics != ("accuracy",):
-        return None
-    return {"accuracy": float((predictions == labels).mean())}'''),
-    "kdframe_load_model": HookNote(
-        "Once per command that loads a recipe: the teacher first, then the student (given the teacher).",
-        '''\
-@hookimpl
-def kdframe_load_model(role, spec, task, teacher, base_dir):
-    if not spec.model.startswith("onnx:"):
-        return None  # the Hugging Face plugin handles the rest
-    return load_onnx_model(spec.model.removeprefix("onnx:"), task, base_dir)'''),
-    "kdframe_export_model": HookNote(
-        "By `kdframe export RUN_DIR OUT`, with the run's final student.",
-        '''\
-@hookimpl
-def kdframe_export_model(loaded, out_dir):
-    if not isinstance(loaded.model, MyModel):
-        return None
-    loaded.model.save(out_dir)
-    return f"MyModel with {loaded.num_layers} layers in {out_dir}"'''),
-    "kdframe_extract_features": HookNote(
-        "Every training step, teacher (under `no_grad`, in eval mode) then student; at every dev"
-        " evaluation with empty `needs` (logits only); once per stage by `kdframe validate`.",
-        '''\
-@hookimpl
-def kdframe_extract_features(role, model, batch, needs):
-    if not isinstance(model, MyModel):
-        return None
-    out = model(batch["input_ids"], batch["attention_mask"], return_hidden="hidden" in needs)
-    return Features(logits=out.logits, mask=batch["attention_mask"], hidden=out.hidden)'''),
-    "kdframe_layer_costs": HookNote(
-        "Every training step of a stage with a teacher, after both models' features; once per stage"
-        " by `kdframe validate`.",
-        '''\
-@hookimpl
-def kdframe_layer_costs(student, teacher, ctx):
-    if not ctx.active("cos"):
-        return {}
-    s = F.normalize(torch.stack([h[:, 0] for h in student.hidden[1:]]), dim=-1)  # (M, B, d)
-    t = F.normalize(torch.stack([h[:, 0] for h in teacher.hidden[1:]]), dim=-1)  # (N, B, d)
-    return {"cos": 1 - torch.einsum("mbd,nbd->mn", s, t) / s.shape[1]}'''),
-    "kdframe_layer_mapping": HookNote(
-        "Every training step, once per cost kind, right after `kdframe_layer_costs`, with the kind's"
-        " current layer weights (uniform at the start of a stage); once per kind by `kdframe validate`.",
-        '''\
-@hookimpl
-def kdframe_layer_mapping(kind, cost, weights, ctx):
-    if ctx.mapping is None or ctx.mapping.name != "sinkhorn":
-        return None  # not ours: let the plugin that owns ctx.mapping answer
-    return sinkhorn_flow(cost, *weights, ctx.mapping.params)'''),
-    "kdframe_update_layer_weights": HookNote(
-        "Every training step of a stage with a `weighting`, after the mappings; the weights it"
-        " returns are used by the next step's mappings.",
-        '''\
-@hookimpl
-def kdframe_update_layer_weights(flows, costs, weights, ctx):
-    if ctx.weighting is None or ctx.weighting.name != "ema":
-        return None
-    rate = ctx.weighting.params.rate
-    return {kind: ((1 - rate) * w_s + rate * flows[kind].sum(1), (1 - rate) * w_t + rate * flows[kind].sum(0))
-            for kind, (w_s, w_t) in weights.items()}'''),
-    "kdframe_loss_terms": HookNote(
-        "Every training step after the mappings and the weighting; once per stage by `kdframe validate`"
-        " (to check that every active term is computed by some plugin).",
-        '''\
-@hookimpl
-def kdframe_loss_terms(student, teacher, costs, flows, batch, ctx):
-    if not ctx.active("cos"):
-        return {}
-    return {"cos": (flows["cos"] * costs["cos"]).sum()}'''),
-    "kdframe_extra_parameters": HookNote(
-        "At the start of each stage, before `kdframe_stage_start`; the modules join the optimizer and"
-        " the checkpoints.",
-        '''\
-@hookimpl
-def kdframe_extra_parameters(ctx):
-    if not ctx.active("cos"):
-        return {}
-    ctx.state["cos.proj"] = torch.nn.Linear(ctx.student_hidden_size, ctx.teacher_hidden_size)
-    return {"cos.proj": ctx.state["cos.proj"]}  # read it back from ctx.state in your other hooks'''),
-    "kdframe_run_start": HookNote(
-        "Once per `kdframe run`, after the run directory is created and models and data are loaded,"
-        " before the teacher is fine-tuned.",
-        '''\
-@hookimpl
-def kdframe_run_start(run):
-    run.progress.message(f"wandb: logging {run.session.recipe.name}")'''),
-    "kdframe_stage_start": HookNote(
-        "Before the first step of every stage (the teacher's fine-tuning too, with `ctx.stage_index =="
-        " -1`), also when resuming one, and once per stage by `kdframe validate`. Raise"
-        " `ModelError` here for layouts your strategy cannot handle: the user learns before training.",
-        '''\
-@hookimpl
-def kdframe_stage_start(ctx):
-    if ctx.mapping and ctx.mapping.name == "sinkhorn" and ctx.teacher_layers < 2:
-        raise ModelError("mapping sinkhorn: the teacher needs at least 2 layers")'''),
-    "kdframe_step_end": HookNote(
-        "After every optimizer step (and every skipped non-finite step) of every stage, with the"
-        " record (loss, lr, each term) also written to metrics.jsonl every `log_every` steps.",
-        '''\
-@hookimpl
-def kdframe_step_end(ctx, record):
-    if ctx.step % 100 == 0:
-        wandb.log({f"{ctx.stage.name}/{k}": v for k, v in record.items()}, step=ctx.step)'''),
-    "kdframe_eval_end": HookNote(
-        "After each dev evaluation inside a stage (`eval_every`, end of epoch or stage).",
-        '''\
-@hookimpl
-def kdframe_eval_end(ctx, metrics):
-    wandb.log({f"{ctx.stage.name}/dev_{k}": v for k, v in metrics.items()}, step=ctx.step)'''),
-    "kdframe_stage_end": HookNote(
-        "After a stage's last step and its best-or-last model selection.",
-        '''\
-@hookimpl
-def kdframe_stage_end(ctx):
-    ctx.state.pop("cos.proj", None)  # the next stage builds its own'''),
-    "kdframe_run_end": HookNote(
-        "Once per successful `kdframe run`, after summary.json and student.pt are written.",
-        '''\
-@hookimpl
-def kdframe_run_end(run, summary):
-    wandb.summary.update(summary["student"]["best"])'''),
-    "kdframe_on_exception": HookNote(
-        "When `kdframe run` stops with any exception (a failed step, Ctrl-C) before the CLI prints"
-        " the error and exits.",
-        '''\
-@hookimpl
-def kdframe_on_exception(run, exc):
-    wandb.finish(exit_code=1)'''),
-    "kdframe_state_dict": HookNote(
-        "Whenever a checkpoint is written: at evaluations, every `checkpoint_every` steps and on"
-        " Ctrl-C. Check yours with `kdframe.testing.check_state_roundtrip`.",
-        '''\
-@hookimpl
-def kdframe_state_dict(ctx):
-    return {"ema.history": ctx.state.get("ema.history", torch.zeros(0))}  # prefix keys with your plugin'''),
-    "kdframe_load_state_dict": HookNote(
-        "On `kdframe run --resume`, when the interrupted stage restarts, after"
-        " `kdframe_extra_parameters` and `kdframe_stage_start`.",
-        '''\
-@hookimpl
-def kdframe_load_state_dict(ctx, state):
-    if "ema.history" in state:
-        ctx.state["ema.history"] = state["ema.history"]'''),
-}
 
 _HOOKS_HEAD = """\
 # Hook reference
 
 <!-- Generated by `python -m kdframe.docgen` from kdframe/hookspecs.py (signatures, modes,
-docstrings) and HOOK_NOTES in kdframe/docgen.py (when called, examples). Do not edit by hand;
-tests/test_docs.py fails when this file is stale. -->
+docstrings with their Called: paragraph and example). Do not edit by hand; tests/test_docs.py
+fails when this file is stale. -->
 
 A plugin is a module (or object) with functions named after these hooks and marked with
 `kdframe.api.hookimpl`; it implements only the hooks it needs, each taking any subset of the
@@ -514,17 +347,13 @@ def _mode(func: Any) -> str:
 
 def render_hooks() -> str:
     functions = hook_functions()
-    missing = sorted({f.__name__ for f in functions} ^ set(HOOK_NOTES))
-    if missing:
-        raise KeyError(f"HOOK_NOTES in kdframe/docgen.py and kdframe/hookspecs.py disagree on: {', '.join(missing)}")
     lines = [_HOOKS_HEAD, "| hook | mode |", "|---|---|"]
     lines += [f"| [`{f.__name__}`](#{f.__name__}) | {_mode(f)} |" for f in functions]
     for func in functions:
-        note, doc = HOOK_NOTES[func.__name__], _doc(func)
-        label = "A fuller example:" if "Example" in doc else "Example:"
+        doc = HookDoc.of(func)
         lines += ["", f"## {func.__name__}", "", "```python", _signature(func), "```", "",
-                  f"**Mode:** {_mode(func)}. **Called:** {note.called}", "", doc, "",
-                  label, "", "```python", note.example, "```"]
+                  f"**Mode:** {_mode(func)}. **Called:** {doc.called}", "", doc.text, "",
+                  "Example:", "", "```python", doc.example, "```"]
     return "\n".join(lines).rstrip() + "\n"
 
 

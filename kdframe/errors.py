@@ -1,4 +1,4 @@
-"""Exceptions that the CLI turns into exit codes: bad input is 2, a failed run is 1."""
+"""Exceptions that the CLI turns into exit codes: bad input is 2, a failed run is 1, an interrupted one 130."""
 
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ class RunFailed(Exception):
     """Training failed after it started (non-finite loss, a crash in a step): exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written; the message says how to resume (exit 130)."""
+
+    exit_code = 130

@@ -1,8 +1,12 @@
 """The hook points of kdframe. Each function here documents one hook; plugins implement them
-with ``@kdframe.hookimpl`` and the same name. ``firstresult`` hooks stop at the first plugin that
-returns something other than None; the others collect every plugin's answer.
+with ``@kdframe.api.hookimpl`` and the same name. ``firstresult`` hooks stop at the first plugin
+that returns something other than None; the others collect every plugin's answer.
 
-Order inside one training step of a distillation stage:
+Each docstring has three parts that ``python -m kdframe.docgen`` renders into docs/hooks.md: what
+the hook does, ``Called:`` (when the engine or the CLI calls it) and ``Example::`` (an
+implementation as a plugin module writes it).
+
+Order inside one training step of a distillation stage (``kdframe.step``):
 extract_features(teacher) -> extract_features(student) -> layer_costs -> layer_mapping (per cost
 kind) -> update_layer_weights -> loss_terms -> backward/optimizer -> step_end.
 """
@@ -18,25 +22,35 @@ if TYPE_CHECKING:
 
     import torch
 
-    from kdframe.registry import StrategyRegistry
-    from kdframe.types import Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
+    from kdframe.registry import Registry
+    from kdframe.types import Features, LayerWeights, LoadedModel, StageContext, TaskInfo, TokenizedSplit
 
 hookspec = pluggy.HookspecMarker("kdframe")
 
 
 @hookspec
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
-    """Register named strategies for the ``mapping``, ``weighting`` and ``loss`` slots.
+def kdframe_register(registry: Registry) -> None:
+    """Register the names this plugin owns: strategies for the ``mapping``, ``weighting`` and
+    ``loss`` slots (``registry.add``), data sources (``add_data_source``) and the tasks they read
+    (``add_task``), and location schemes of models (``add_model_source``, e.g. ``package``).
 
-    Called once after all plugins are loaded, before any recipe is resolved. Call
-    ``registry.add(slot, name, params=ParamsClass, needs=(...))``; a name already taken in a
-    slot is an error naming both plugins.
+    A name already taken in its kind is an error naming both plugins, so no plugin shadows another.
+
+    Called: once per command, right after every plugin is loaded (``kdframe run``, ``validate``,
+    ``plugins``, ...), before any recipe is read.
 
     Example::
 
+        @attrs.frozen
+        class SinkhornParams:
+            reg: float = bounded(0.1, gt=0)
+
         @hookimpl
-        def kdframe_register_strategies(registry):
-            registry.add("mapping", "sinkhorn", params=SinkhornParams)
+        def kdframe_register(registry):
+            registry.add("mapping", "sinkhorn", params=SinkhornParams, description="entropic OT")
+            registry.add("loss", "cos", needs=("hidden",), description="cosine of [CLS] vectors")
+            registry.add_data_source("sick", params=SickParams, description="the SICK corpus")
+            registry.add_task(TaskInfo("sick", 3, ("accuracy",), "accuracy"), source="sick")
     """
 
 
@@ -44,56 +58,105 @@ def kdframe_register_strategies(registry: StrategyRegistry) -> None:
 def kdframe_add_cli_options(parser: argparse.ArgumentParser) -> None:
     """Add options to the ``kdframe run`` and ``kdframe validate`` parsers.
 
-    Called while the command line is built. Use a prefix for option names (``--sinkhorn-x``);
-    the parsed values reach ``kdframe_run_start`` as ``run.options`` (a dict).
+    Use a prefix for option names (``--sinkhorn-x``); the parsed values reach
+    ``kdframe_run_start`` as ``run.options`` (a dict).
+
+    Called: while the ``kdframe run`` and ``kdframe validate`` parsers are built, before arguments
+    are parsed.
+
+    Example::
+
+        @hookimpl
+        def kdframe_add_cli_options(parser):
+            group = parser.add_argument_group("wandb plugin")
+            group.add_argument("--wandb-project", help="log metrics to this W&B project")
     """
 
 
 @hookspec
-def kdframe_validate_recipe(recipe: Any, registry: StrategyRegistry) -> list[str]:
-    """Return problems with a resolved recipe, each a string starting with its field path.
+def kdframe_validate_recipe(recipe: Any, registry: Registry) -> list[str]:
+    """Return problems with a resolved recipe, each a string starting with its field path; an
+    empty list when all is well. Every plugin's problems are reported together.
 
-    Called by ``kdframe validate`` and before ``kdframe run`` trains anything; every plugin's
-    problems are reported together. Return an empty list when all is well.
+    Called: by ``kdframe run``, ``validate`` and ``export`` (and each ablation cell) after the
+    recipe is structured and its strategies resolved, before any model or data is loaded.
 
-    Example: ``["stages[0].mapping: one-to-one needs N % M == 0 (N=6, M=4); give layers"]``.
+    Example::
+
+        @hookimpl
+        def kdframe_validate_recipe(recipe, registry):
+            return [f"stages[{i}].weighting: sinkhorn needs a weighting (uniform keeps the weights)"
+                    for i, stage in enumerate(recipe.stages)
+                    if stage.mapping and stage.mapping.strategy == "sinkhorn" and stage.weighting is None]
     """
-
-
-@hookspec(firstresult=True)
-def kdframe_task_info(name: str) -> TaskInfo | None:
-    """Describe the task ``name`` (labels, metrics) or return None when it is not yours."""
-
-
-@hookspec
-def kdframe_task_names() -> list[str]:
-    """Return the task names this plugin serves (for error messages listing known tasks)."""
 
 
 @hookspec(firstresult=True)
 def kdframe_load_data(
-    data: Any, task: TaskInfo, split: str, tokenizer: Any, cache_dir: str | None
+    data: Any, task: TaskInfo, split: str, tokenizer: Any, cache_dir: str
 ) -> TokenizedSplit | None:
     """Load and tokenise one split (``train`` or ``dev``) of the recipe's ``[data]`` section.
 
-    Errors in the data are raised as ``kdframe.DataError`` naming the file and line.
+    Answer only when ``data.source`` is a data source you registered; ``data.params`` is your
+    params object (your own ``[data]`` keys). ``cache_dir`` is kdframe's cache directory (keep
+    what you cache in a folder of your own under it). Errors in the data are raised as
+    ``kdframe.api.DataError`` naming the file and line.
+
+    Called: after the models are loaded (with the student's tokenizer), for ``train``, then
+    ``dev``; not by ``kdframe export``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_load_data(data, task, split, tokenizer, cache_dir):
+            if data.source != "sick":
+                return None
+            rows = read_sick(data.params.directory, split)[: data.train_limit or None]
+            encoded = tokenizer([r.a for r in rows], [r.b for r in rows], truncation=True,
+                                max_length=data.max_length)
+            return TokenizedSplit(task, split, encoded["input_ids"], [r.label for r in rows],
+                                  {"token_type_ids": encoded["token_type_ids"]})
     """
 
 
 @hookspec(firstresult=True)
 def kdframe_data_fingerprint(data: Any) -> str | None:
     """Identify the content of the recipe's ``[data]`` (a digest of its files, say), or return None
-    when the data is not yours.
+    when ``data.source`` is not yours.
 
     Fine-tuned teachers are cached under a key made of this instead of the data's location: a
     moved checkout keeps its teachers, and an edited data file gets a new teacher instead of a
     stale one. Without an answer the key uses the ``[data]`` section as written, paths included.
+
+    Called: when a run needs a fine-tuned teacher (before looking in the teacher cache), and when
+    ``kdframe ablate --jobs`` plans which cells fine-tune a teacher.
+
+    Example::
+
+        @hookimpl
+        def kdframe_data_fingerprint(data):
+            if data.source != "sick":
+                return None
+            files = [Path(data.params.directory) / name for name in ("train.tsv", "dev.tsv")]
+            return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
     """
 
 
 @hookspec(firstresult=True)
 def kdframe_compute_metrics(task: TaskInfo, predictions: Any, labels: Any) -> dict[str, float]:
-    """Compute the task's metrics from predictions (class ids, or scores for regression)."""
+    """Compute the task's metrics from predictions (class ids, or scores for regression).
+
+    Called: after every dev evaluation: the teacher's, and each stage's at ``eval_every`` and at
+    its end.
+
+    Example::
+
+        @hookimpl
+        def kdframe_compute_metrics(task, predictions, labels):
+            if task.metrics != ("accuracy",):
+                return None
+            return {"accuracy": float((predictions == labels).mean())}
+    """
 
 
 @hookspec(firstresult=True)
@@ -103,14 +166,39 @@ def kdframe_load_model(
     """Load or build the ``teacher`` or ``student`` model described by ``spec``.
 
     For the student, ``teacher`` is the loaded teacher (a student may be built from its layers).
-    ``base_dir`` is the recipe's directory, against which relative paths resolve.
+    ``base_dir`` is the recipe's directory, against which relative paths resolve. Answer only for
+    the models you load (a scheme you registered with ``add_model_source``, say): the bundled
+    Hugging Face loader takes everything else.
+
+    Called: once per command that loads a recipe: the teacher first, then the student (given the
+    teacher).
+
+    Example::
+
+        @hookimpl
+        def kdframe_load_model(role, spec, task, teacher, base_dir):
+            if not spec.model.startswith("onnx:"):
+                return None  # the Hugging Face plugin handles the rest
+            return load_onnx_model(spec.model.removeprefix("onnx:"), task, base_dir)
     """
 
 
 @hookspec(firstresult=True)
 def kdframe_export_model(loaded: LoadedModel, out_dir: str) -> str | None:
     """Write ``loaded`` (model and tokenizer) to ``out_dir`` in its framework's own format, so
-    that it loads without kdframe; return a one-line description of what was written."""
+    that it loads without kdframe; return a one-line description of what was written.
+
+    Called: by ``kdframe export RUN_DIR OUT``, with the run's final student.
+
+    Example::
+
+        @hookimpl
+        def kdframe_export_model(loaded, out_dir):
+            if not isinstance(loaded.model, MyModel):
+                return None
+            loaded.model.save(out_dir)
+            return f"MyModel with {loaded.num_layers} layers in {out_dir}"
+    """
 
 
 @hookspec(firstresult=True)
@@ -119,8 +207,20 @@ def kdframe_extract_features(
 ) -> Features | None:
     """Run ``model`` on ``batch`` and return the features named in ``needs``.
 
-    ``needs`` is a subset of ``kdframe.types.FEATURES``; logits are always returned. The teacher
+    ``needs`` is a subset of ``kdframe.api.FEATURES``; logits are always returned. The teacher
     is called under ``torch.no_grad()`` and in eval mode by the engine.
+
+    Called: every training step, teacher (under ``no_grad``, in eval mode) then student; at every
+    dev evaluation with empty ``needs`` (logits only); once per stage by ``kdframe validate``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_extract_features(role, model, batch, needs):
+            if not isinstance(model, MyModel):
+                return None
+            out = model(batch["input_ids"], batch["attention_mask"], return_hidden="hidden" in needs)
+            return Features(logits=out.logits, mask=batch["attention_mask"], hidden=out.hidden)
     """
 
 
@@ -132,6 +232,19 @@ def kdframe_layer_costs(
     feature kind (``att``, ``hid``, ...). The matrices keep their autograd graph.
 
     Every plugin's dict is merged; two plugins returning the same kind is an error.
+
+    Called: every training step of a stage with a teacher, after both models' features; once per
+    stage by ``kdframe validate``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_layer_costs(student, teacher, ctx):
+            if not ctx.active("cos"):
+                return {}
+            s = F.normalize(torch.stack([h[:, 0] for h in student.hidden[1:]]), dim=-1)  # (M, B, d)
+            t = F.normalize(torch.stack([h[:, 0] for h in teacher.hidden[1:]]), dim=-1)  # (N, B, d)
+            return {"cos": 1 - torch.einsum("mbd,nbd->mn", s, t) / s.shape[1]}
     """
 
 
@@ -143,6 +256,19 @@ def kdframe_layer_mapping(
 
     Implement it for the strategy ``ctx.mapping.name`` only; return None for any other. The flow
     is a constant for backprop (detached), non-negative, on the cost's device and dtype.
+    ``kdframe.api.solve_transport`` and ``fixed_flow`` do the common parts.
+
+    Called: every training step, once per cost kind, right after ``kdframe_layer_costs``, with the
+    kind's current layer weights (uniform at the start of a stage); once per kind by
+    ``kdframe validate``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_layer_mapping(kind, cost, weights, ctx):
+            if ctx.mapping is None or ctx.mapping.name != "sinkhorn":
+                return None  # not ours: let the plugin that owns ctx.mapping answer
+            return solve_transport(cost, weights, lambda d, a, b: sinkhorn(d, a, b, ctx.mapping.params))
     """
 
 
@@ -150,13 +276,26 @@ def kdframe_layer_mapping(
 def kdframe_update_layer_weights(
     flows: dict[str, torch.Tensor],
     costs: dict[str, torch.Tensor],
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    weights: LayerWeights,
     ctx: StageContext,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+) -> LayerWeights | None:
     """Return the layer weights (student, teacher) per cost kind for the next step.
 
     Implement it for the strategy ``ctx.weighting.name`` only. Weights must stay on the
     simplex, finite and strictly positive. The engine checkpoints them.
+
+    Called: every training step of a stage with a ``weighting``, after the mappings; the weights
+    it returns are used by the next step's mappings.
+
+    Example::
+
+        @hookimpl
+        def kdframe_update_layer_weights(flows, costs, weights, ctx):
+            if ctx.weighting is None or ctx.weighting.name != "ema":
+                return None
+            rate = ctx.weighting.params.rate
+            return {kind: ((1 - rate) * w_s + rate * flows[kind].sum(1), (1 - rate) * w_t + rate * flows[kind].sum(0))
+                    for kind, (w_s, w_t) in weights.items()}
     """
 
 
@@ -172,6 +311,17 @@ def kdframe_loss_terms(
     """Return scalar loss terms by name, only for terms active in ``ctx.losses``.
 
     The engine multiplies each by its recipe weight and sums them.
+
+    Called: every training step after the mappings and the weighting; once per stage by
+    ``kdframe validate`` (to check that every active term is computed by some plugin).
+
+    Example::
+
+        @hookimpl
+        def kdframe_loss_terms(student, teacher, costs, flows, batch, ctx):
+            if not ctx.active("cos"):
+                return {}
+            return {"cos": (flows["cos"] * costs["cos"]).sum()}
     """
 
 
@@ -180,50 +330,154 @@ def kdframe_extra_parameters(ctx: StageContext) -> dict[str, torch.nn.Module]:
     """Return trainable modules owned by strategies for this stage (e.g. the projection W_h).
 
     They are trained with the student, saved in checkpoints and never exported.
+
+    Called: at the start of each stage, before ``kdframe_stage_start``; the modules join the
+    optimizer and the checkpoints.
+
+    Example::
+
+        @hookimpl
+        def kdframe_extra_parameters(ctx):
+            if not ctx.active("cos"):
+                return {}
+            ctx.state["cos.proj"] = torch.nn.Linear(ctx.student_hidden_size, ctx.teacher_hidden_size)
+            return {"cos.proj": ctx.state["cos.proj"]}  # read it back from ctx.state in your other hooks
     """
 
 
 @hookspec
 def kdframe_run_start(run: Any) -> None:
-    """Called once a run directory exists and models and data are loaded."""
+    """A run begins: its directory exists and models and data are loaded.
+
+    Called: once per ``kdframe run``, after the run directory is created, before the teacher is
+    fine-tuned.
+
+    Example::
+
+        @hookimpl
+        def kdframe_run_start(run):
+            run.progress.message(f"wandb: logging {run.session.recipe.name}")
+    """
 
 
 @hookspec
 def kdframe_stage_start(ctx: StageContext) -> None:
-    """Called before the first step of a stage (also when resuming it)."""
+    """A stage begins (also when it resumes). Raise ``ModelError`` here for layouts your strategy
+    cannot handle: the user learns before training.
+
+    Called: before the first step of every stage (the teacher's fine-tuning too, with
+    ``ctx.stage_index == -1``), also when resuming one, and once per stage by ``kdframe validate``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_stage_start(ctx):
+            if ctx.mapping and ctx.mapping.name == "sinkhorn" and ctx.teacher_layers < 2:
+                raise ModelError("mapping sinkhorn: the teacher needs at least 2 layers")
+    """
 
 
 @hookspec
 def kdframe_step_end(ctx: StageContext, record: dict[str, Any]) -> None:
-    """Called after every optimizer step with the train record written to metrics.jsonl."""
+    """An optimizer step ended; ``record`` holds its loss, lr and each term (``skipped: true`` and
+    no loss for a skipped non-finite step).
+
+    Called: after every optimizer step (and every skipped non-finite step) of every stage; the
+    record is also written to metrics.jsonl every ``log_every`` steps.
+
+    Example::
+
+        @hookimpl
+        def kdframe_step_end(ctx, record):
+            if ctx.step % 100 == 0:
+                wandb.log({f"{ctx.stage.name}/{k}": v for k, v in record.items()}, step=ctx.step)
+    """
 
 
 @hookspec
 def kdframe_eval_end(ctx: StageContext, metrics: dict[str, float]) -> None:
-    """Called after each dev evaluation with its metrics."""
+    """A dev evaluation ended with ``metrics``.
+
+    Called: after each dev evaluation inside a stage (``eval_every``, end of epoch or stage).
+
+    Example::
+
+        @hookimpl
+        def kdframe_eval_end(ctx, metrics):
+            wandb.log({f"{ctx.stage.name}/dev_{k}": v for k, v in metrics.items()}, step=ctx.step)
+    """
 
 
 @hookspec
 def kdframe_stage_end(ctx: StageContext) -> None:
-    """Called after the last step of a stage."""
+    """A stage ended.
+
+    Called: after a stage's last step and its best-or-last model selection.
+
+    Example::
+
+        @hookimpl
+        def kdframe_stage_end(ctx):
+            ctx.state.pop("cos.proj", None)  # the next stage builds its own
+    """
 
 
 @hookspec
 def kdframe_run_end(run: Any, summary: dict[str, Any]) -> None:
-    """Called when a run finished, with the summary written to summary.json."""
+    """A run finished, with the summary written to summary.json.
+
+    Called: once per successful ``kdframe run``, after summary.json and student.pt are written.
+
+    Example::
+
+        @hookimpl
+        def kdframe_run_end(run, summary):
+            wandb.summary.update(summary["student"]["best"])
+    """
 
 
 @hookspec
 def kdframe_on_exception(run: Any, exc: BaseException) -> None:
-    """Called when a run stops with an exception (including Ctrl-C) before the CLI exits."""
+    """A run stops with an exception (including Ctrl-C).
+
+    Called: when ``kdframe run`` stops with any exception (a failed step, Ctrl-C), before the CLI
+    prints the error and exits.
+
+    Example::
+
+        @hookimpl
+        def kdframe_on_exception(run, exc):
+            wandb.finish(exit_code=1)
+    """
 
 
 @hookspec
 def kdframe_state_dict(ctx: StageContext) -> dict[str, Any]:
     """Return ``{plugin_key: state}`` to store in a checkpoint (tensors and plain data only:
-    checkpoints load with ``weights_only=True``)."""
+    checkpoints load with ``weights_only=True``). Prefix keys with your plugin's name.
+
+    Called: whenever a checkpoint is written: at evaluations, every ``checkpoint_every`` steps and
+    on Ctrl-C. Check yours with ``kdframe.testing.check_state_roundtrip``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_state_dict(ctx):
+            return {"ema.history": ctx.state.get("ema.history", torch.zeros(0))}
+    """
 
 
 @hookspec
 def kdframe_load_state_dict(ctx: StageContext, state: dict[str, Any]) -> None:
-    """Restore what ``kdframe_state_dict`` returned; take your own key from ``state``."""
+    """Restore what ``kdframe_state_dict`` returned; take your own key from ``state``.
+
+    Called: on ``kdframe run --resume``, when the interrupted stage restarts, after
+    ``kdframe_extra_parameters`` and ``kdframe_stage_start``.
+
+    Example::
+
+        @hookimpl
+        def kdframe_load_state_dict(ctx, state):
+            if "ema.history" in state:
+                ctx.state["ema.history"] = state["ema.history"]
+    """

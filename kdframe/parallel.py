@@ -39,6 +39,14 @@ class Processes:
             value = broadcast_object_list([value])[0]
         return value
 
+    def gather_in_order(self, items: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """Every process's ``(position, value)`` items, on every process, sorted by position."""
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            items = sorted(gather_object(items), key=lambda item: item[0])
+        return items
+
     def broadcast_parameters(self, modules: list[torch.nn.Module]) -> None:
         """Start every process from the main process's weights, as DDP does (e.g. W_h, drawn from the
         global RNG, which dropout on unequal shares of a batch may have advanced differently)."""

@@ -8,11 +8,12 @@ to show the progress of cells running quietly in worker processes, and anyone ca
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from kdframe.fileio import atomic_write_text
 
 STATUS_EVERY_S = 2.0
 
@@ -64,9 +65,7 @@ class Progress:
         self._status_at = now
         status = {"label": self._label, "step": step, "total": self._total, "info": info,
                   "steps_per_s": round(self._rate(step), 3), "time": time.time()}
-        partial = self.status_file.with_name(self.status_file.name + ".tmp")
-        partial.write_text(json.dumps(status))
-        os.replace(partial, self.status_file)
+        atomic_write_text(self.status_file, json.dumps(status))
 
     def message(self, text: str) -> None:
         if self.mode == "rich" and self._bar is not None:

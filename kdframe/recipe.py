@@ -1,16 +1,23 @@
 """Recipes: TOML structured into frozen attrs classes by cattrs, unknown keys rejected.
 
 Problems are collected, not raised one by one: type errors and unknown keys from cattrs, range
-checks declared in field metadata (``bounded``), and strategy params structured into each
-strategy's own class once plugins have registered them. Every problem names its field path.
+checks declared in field metadata (``bounded``), and what plugins own structured into their own
+classes once they have registered: each strategy's params, and the data source's keys of
+``[data]``. Every problem names its field path.
+
+Paths: fields declared with ``path_field`` are made absolute against the directory of the recipe
+file that set them (a recipe named by ``extends`` anchors its own relative paths), so a resolved
+recipe means the same from anywhere.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 import typing
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import attrs
@@ -19,14 +26,28 @@ from cattrs.cols import list_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 
 from kdframe.errors import RecipeError
-from kdframe.registry import StrategyRegistry
+from kdframe.registry import Registry
+from kdframe.rundir import TEACHER
 from kdframe.types import Selected
+
+#: ``NAME:rest`` values name a model source a plugin registered (``package:NAME``), never a path.
+_SCHEME = re.compile(r"^([a-z][a-z0-9_-]+):")
 
 
 def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
             le: float | None = None, lt: float | None = None) -> Any:
     """An attrs field whose range is checked (with its path) after structuring."""
     return attrs.field(default=default, metadata={"bounds": (gt, ge, le, lt)})
+
+
+def path_field(kind: Literal["dir", "location"], default: str = "") -> Any:
+    """A string field holding a path, made absolute against the recipe that set it.
+
+    ``"dir"``: always a local path. ``"location"``: a local path when it exists or looks like one
+    (``.``, ``/``, ``~``), else an identifier left as written (a hub id, or ``scheme:...`` of a
+    registered model source).
+    """
+    return attrs.field(default=default, metadata={"path": kind})
 
 
 @attrs.frozen
@@ -71,16 +92,16 @@ class Stage:
 class ModelSpec:
     """Where a model comes from.
 
-    ``init = "pretrained"``: ``model`` is a directory, a hub id or ``package:NAME`` (an installed
-    model package). ``init = "config"``: random weights from ``config`` (BERT config keys).
-    ``init = "teacher-layers"`` (student only): the teacher with only ``layers`` (0-indexed
-    encoder layers) kept. ``tokenizer`` defaults to the model's (the teacher's for students);
-    ``builtin:chars`` is a tiny in-memory character tokenizer for tests.
+    ``init = "pretrained"``: ``model`` is a directory, a hub id or ``SCHEME:...`` of a model source
+    a plugin registered (``kdframe plugins`` lists them). ``init = "config"``: random weights from
+    ``config`` (the model family's config keys). ``init = "teacher-layers"`` (student only): the
+    teacher with only ``layers`` (0-indexed encoder layers) kept. ``tokenizer`` defaults to the
+    model's (the teacher's for students).
     """
 
     init: Literal["pretrained", "config", "teacher-layers"] = "pretrained"
-    model: str = ""
-    tokenizer: str = ""
+    model: str = path_field("location")
+    tokenizer: str = path_field("location")
     layers: list[int] = attrs.Factory(list)
     config: dict[str, Any] = attrs.Factory(dict)
 
@@ -95,12 +116,17 @@ class TeacherSpec(ModelSpec):
 
 @attrs.frozen
 class DataSpec:
+    """``[data]``: the task and how much of it. The data source's own keys (GLUE's ``glue_dir``)
+    sit beside these in the same table; the source's plugin declares them (see Data sources)."""
+
     task: str = "mrpc"
-    glue_dir: str = ""  # a GLUE directory (TSV layout); empty loads nyu-mll/glue from the hub
+    source: str = ""  # the data source; empty: the one that registered the task
     max_length: int = bounded(128, gt=0, le=4096)
     train_limit: int = bounded(0, ge=0)  # > 0 keeps the first N training examples
     dev_limit: int = bounded(0, ge=0)
-    cache_dir: str = ""  # tokenisation/teacher cache; empty: ~/.cache/kdframe
+    cache_dir: str = path_field("dir")  # tokenisation/teacher cache; empty: ~/.cache/kdframe
+    # The source's keys: as written until the recipe is loaded with the plugins, then the source's params object.
+    params: Any = attrs.field(factory=dict, metadata={"source_params": True})
 
 
 @attrs.frozen
@@ -183,6 +209,23 @@ def _converter() -> cattrs.Converter:
         return structure_list
 
     conv.register_structure_hook_factory(lambda t: typing.get_origin(t) is list, list_factory)
+    # [data] holds the core keys and, flat beside them, the data source's: the rest go to params.
+    core_data = cattrs.gen.make_dict_structure_fn(DataSpec, conv, params=cattrs.gen.override(omit=True))
+    core_keys = {field.name for field in attrs.fields(DataSpec)} - {"params"}
+
+    def structure_data(value: Any, _: type) -> DataSpec:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table, got {value!r}")
+        spec = core_data({k: v for k, v in value.items() if k in core_keys}, DataSpec)
+        return attrs.evolve(spec, params={k: v for k, v in value.items() if k not in core_keys})
+
+    def unstructure_data(spec: DataSpec) -> dict[str, Any]:
+        params = spec.params if isinstance(spec.params, dict) else conv.unstructure(spec.params)
+        return {"task": spec.task, "source": spec.source, **params, "max_length": spec.max_length,
+                "train_limit": spec.train_limit, "dev_limit": spec.dev_limit, "cache_dir": spec.cache_dir}
+
+    conv.register_structure_hook(DataSpec, structure_data)
+    conv.register_unstructure_hook(DataSpec, unstructure_data)
     conv.register_structure_hook(StrategyChoice, structure_choice)
     conv.register_structure_hook(LossChoice, structure_loss)
     # Unstructure back to the flat table form a recipe is written in.
@@ -284,8 +327,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``PATH=VALUE`` to the raw recipe; missing tables along the path are created."""
+def apply_override(raw: dict[str, Any], assignment: str) -> tuple[str, ...]:
+    """Apply ``PATH=VALUE`` to the raw recipe; missing tables along the path are created.
+    Returns the path set, as the table keys leading to it (up to the first list index)."""
     path, sep, value = assignment.partition("=")
     if not sep:
         raise RecipeError([f"--set {assignment!r}: expected PATH=VALUE"])
@@ -312,9 +356,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             if isinstance(token, str) and token not in node:
                 node[token] = [] if isinstance(following, int) else {}
             node = node[token]
+    return tuple(itertools.takewhile(lambda token: isinstance(token, str), tokens))
 
 
-# -- loading ------------------------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------
+
+Origins = dict[tuple[str, ...], Path]  # table path of a value -> directory of the recipe file that set it
+
 
 def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -333,30 +381,16 @@ def read_toml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _resolve_path(value: str, base: Path) -> str:
-    """Make a recipe path absolute against the recipe's directory; leave hub ids alone."""
-    if not value or value.startswith(("package:", "builtin:")):
-        return value
-    candidate = Path(value).expanduser()
-    if not candidate.is_absolute():
-        candidate = base / candidate
-    if candidate.exists() or value.startswith((".", "/", "~")):
-        return str(candidate.resolve())
-    return value
+def _leaves(raw: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
 
 
-def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    def model(spec: Any) -> Any:
-        return attrs.evolve(spec, model=_resolve_path(spec.model, base),
-                            tokenizer=_resolve_path(spec.tokenizer, base))
-
-    data = recipe.data
-    data = attrs.evolve(
-        data,
-        glue_dir=str((base / data.glue_dir).resolve()) if data.glue_dir else "",
-        cache_dir=str((base / data.cache_dir).resolve()) if data.cache_dir else "",
-    )
-    return attrs.evolve(recipe, data=data, teacher=model(recipe.teacher), student=model(recipe.student))
+def _overlaps(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    return a[:len(b)] == b or b[:len(a)] == a
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -367,49 +401,89 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """``extends = "base.toml"`` (relative to the recipe) layers a recipe on another one."""
+def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+    """The recipe with ``extends = "base.toml"`` (relative to the recipe) layered under it, and
+    where each value came from."""
     path = path.resolve()
     if path in seen:
         raise RecipeError([f"extends: {path} extends itself (through {', '.join(map(str, seen))})"])
     raw = read_toml(path)
     parent = raw.pop("extends", None)
+    own = dict.fromkeys(_leaves(raw), path.parent)
     if parent is None:
-        return raw
+        return raw, own
     if not isinstance(parent, str):
         raise RecipeError([f"extends: expected a path (string) in {path}, got {parent!r}"])
-    base_path = (path.parent / parent).resolve()
-    base = read_with_extends(base_path, (*seen, path))
-    _anchor_paths(base, base_path.parent)
-    return _merge(base, raw)
+    base, origins = read_with_extends((path.parent / parent).resolve(), (*seen, path))
+    kept = {key: where for key, where in origins.items() if not any(_overlaps(key, mine) for mine in own)}
+    return _merge(base, raw), {**kept, **own}
 
 
-def _anchor_paths(raw: dict[str, Any], base: Path) -> None:
-    """Relative paths in an extended recipe are relative to that recipe, not to the one extending it."""
-    for table, key in (("data", "glue_dir"), ("data", "cache_dir"), ("teacher", "model"), ("teacher", "tokenizer"),
-                       ("student", "model"), ("student", "tokenizer")):
-        section = raw.get(table)
-        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
-            value = section[key]
-            section[key] = str((base / value).resolve()) if table == "data" else _resolve_path(value, base)
+# -- paths --------------------------------------------------------------------------------
+
+def _resolve(value: str, kind: str, base: Path) -> str:
+    if not value or (kind == "location" and _SCHEME.match(value)):
+        return value
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if kind == "dir" or candidate.exists() or value.startswith((".", "/", "~")):
+        return str(candidate.resolve())
+    return value  # an identifier, e.g. a hub id
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, list[str]]:
-    """Read, override and structure a recipe (strategy params stay raw; see ``resolve_stage``).
+def _resolve_paths(obj: Any, prefix: tuple[str, ...], origins: Origins, default: Path) -> Any:
+    """``obj`` with every ``path_field`` (in nested attrs objects and data source params too)
+    made absolute against the directory of the recipe that set it."""
+    changes = {}
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        key = (*prefix, field.name)
+        if field.metadata.get("path") and isinstance(value, str):
+            changes[field.name] = _resolve(value, field.metadata["path"], origins.get(key, default))
+        elif field.metadata.get("source_params") and attrs.has(type(value)):
+            changes[field.name] = _resolve_paths(value, prefix, origins, default)  # flat in [data]
+        elif attrs.has(type(value)):
+            changes[field.name] = _resolve_paths(value, key, origins, default)
+    return attrs.evolve(obj, **changes)
 
-    Raises when the recipe cannot be structured at all; returns the problems (out-of-range
-    values) that still leave a recipe to check further, so all of them are reported together.
-    """
-    path = Path(path)
-    raw = read_with_extends(path)
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    recipe, problems = structure(raw, Recipe)
-    if recipe is None:
-        raise RecipeError(problems, source=str(path.resolve()))
-    if not recipe.stages:
-        problems.append("stages: at least one [[stages]] table is required")
-    return _resolve_paths(recipe, path.resolve().parent), problems
+
+def _model_source_problems(recipe: Recipe, registry: Registry) -> list[str]:
+    known = sorted(source.name for source in registry.model_sources())
+    problems = []
+    for role in ("teacher", "student"):
+        for name in ("model", "tokenizer"):
+            value = getattr(getattr(recipe, role), name)
+            scheme = _SCHEME.match(value)
+            if scheme and scheme[1] not in known:
+                problems.append(f"{role}.{name}: unknown model source {scheme[1]!r} in {value!r};"
+                                f" known: {', '.join(known) or '(none)'}")
+    return problems
+
+
+# -- the data source's keys -----------------------------------------------------------------
+
+def resolve_data(data: DataSpec, registry: Registry) -> tuple[DataSpec, list[str]]:
+    """``data`` with its source named and its source's keys structured into the source's params
+    class; or the problems (unknown task or source, unknown or ill-typed keys)."""
+    task = registry.task(data.task)
+    if task is None:
+        known = ", ".join(sorted(t.name for t in registry.tasks())) or "(no data plugin loaded)"
+        return data, [f"data.task: unknown task {data.task!r}; known: {known}"]
+    name = data.source or task.source
+    source = registry.data_source(name)
+    if source is None:
+        known = ", ".join(sorted(s.name for s in registry.data_sources()))
+        return data, [f"data.source: unknown data source {name!r}; known: {known}"]
+    if name != task.source:
+        return data, [f"data.source: task {task.name!r} is read by data source {task.source!r}, not {name!r}"]
+    own = [field.name for field in attrs.fields(source.params)]
+    unknown = sorted(set(data.params) - set(own))
+    if unknown:
+        allowed = [f.name for f in attrs.fields(DataSpec) if f.name != "params"] + own
+        return data, [f"data: unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"]
+    params, problems = structure(data.params, source.params, root="$.data")
+    return (attrs.evolve(data, source=name, params=params) if params is not None else data), problems
 
 
 # -- strategies ---------------------------------------------------------------------------
@@ -421,17 +495,17 @@ class ResolvedStage:
     weighting: Selected | None
     losses: dict[str, Selected]  # active terms only (weight != 0)
 
-    def needs(self, registry: StrategyRegistry) -> frozenset[str]:
+    def needs(self, registry: Registry) -> frozenset[str]:
         """Features this stage reads from both models (logits always come)."""
         chosen = [self.mapping, self.weighting, *self.losses.values()]
         slots = ["mapping", "weighting", *["loss"] * len(self.losses)]
         return frozenset().union(*(registry.get(slot, sel.name).needs for slot, sel in zip(slots, chosen) if sel))
 
-    def needs_teacher(self, registry: StrategyRegistry) -> bool:
+    def needs_teacher(self, registry: Registry) -> bool:
         return any(not registry.get("loss", name).student_only for name in self.losses)
 
 
-def resolve_stage(stage: Stage, registry: StrategyRegistry, path: str) -> tuple[ResolvedStage | None, list[str]]:
+def resolve_stage(stage: Stage, registry: Registry, path: str) -> tuple[ResolvedStage, list[str]]:
     problems: list[str] = []
 
     def choose(slot: str, choice: Any, sub: str, weight: float = 1.0) -> Selected | None:
@@ -459,20 +533,69 @@ def resolve_stage(stage: Stage, registry: StrategyRegistry, path: str) -> tuple[
     return ResolvedStage(stage, mapping, weighting, losses), problems
 
 
-def resolve_recipe(recipe: Recipe, registry: StrategyRegistry) -> tuple[list[ResolvedStage], list[str]]:
-    """Structure every strategy's params; return the stages and all problems found."""
+def resolve_stages(recipe: Recipe, registry: Registry) -> tuple[list[ResolvedStage], ResolvedStage | None, list[str]]:
+    """Every stage (and ``teacher.train``) with its strategies' params structured; the problems."""
     problems: list[str] = []
-    stages: list[ResolvedStage] = []
-    if recipe.teacher.train is not None:
-        resolved, found = resolve_stage(recipe.teacher.train, registry, "teacher.train")
-        problems += found
-        if resolved and any(not registry.get("loss", n).student_only for n in resolved.losses):
-            problems.append("teacher.train.losses: the teacher is trained on labels only (e.g. hard = 1.0)")
+    stages = []
     for i, stage in enumerate(recipe.stages):
         resolved, found = resolve_stage(stage, registry, f"stages[{i}]")
         problems += found
         stages.append(resolved)
-    return stages, problems
+    teacher_stage = None
+    if recipe.teacher.train is not None:
+        teacher_stage, found = resolve_stage(recipe.teacher.train, registry, "teacher.train")
+        problems += found
+        if any(not registry.get("loss", n).student_only for n in teacher_stage.losses):
+            problems.append("teacher.train.losses: the teacher is trained on labels only (e.g. hard = 1.0)")
+    return stages, teacher_stage, problems
+
+
+def _stage_name_problems(recipe: Recipe) -> list[str]:
+    names = [stage.name for stage in recipe.stages]
+    return [f"stages[{i}].name: {name!r} is {'reserved' if name == TEACHER else 'used twice'};"
+            " give each stage its own name"
+            for i, name in enumerate(names) if name == TEACHER or names.index(name) != i]
+
+
+# -- loading ------------------------------------------------------------------------------
+
+@attrs.frozen
+class LoadedRecipe:
+    """A recipe read and checked against the registered plugins.
+
+    ``recipe`` has absolute paths and its data source's keys structured; ``stages`` (one per
+    ``[[stages]]``) and ``teacher_stage`` (``teacher.train``) have their strategies' params
+    structured. ``problems`` lists everything wrong, each with its field path (empty: valid).
+    """
+
+    recipe: Recipe
+    stages: list[ResolvedStage]
+    teacher_stage: ResolvedStage | None
+    problems: list[str]
+
+
+def load_recipe(path: str | Path, overrides: list[str], registry: Registry) -> LoadedRecipe:
+    """Read, override, structure and resolve a recipe; every problem found is in ``problems``.
+
+    Raises only when the recipe cannot be structured at all (a RecipeError with every problem
+    of that pass).
+    """
+    path = Path(path)
+    raw, origins = read_with_extends(path)
+    for assignment in overrides:
+        key = apply_override(raw, assignment)
+        origins = {k: v for k, v in origins.items() if not _overlaps(k, key)}  # relative to the recipe itself
+    recipe, problems = structure(raw, Recipe)
+    if recipe is None:
+        raise RecipeError(problems, source=str(path.resolve()))
+    if not recipe.stages:
+        problems.append("stages: at least one [[stages]] table is required")
+    problems += _stage_name_problems(recipe)
+    data, found = resolve_data(recipe.data, registry)
+    problems += found + _model_source_problems(recipe, registry)
+    recipe = _resolve_paths(attrs.evolve(recipe, data=data), (), origins, path.resolve().parent)
+    stages, teacher_stage, found = resolve_stages(recipe, registry)
+    return LoadedRecipe(recipe, stages, teacher_stage, problems + found)
 
 
 def to_plain(obj: Any) -> Any:

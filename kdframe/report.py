@@ -23,10 +23,10 @@ import attrs
 from matplotlib.figure import Figure
 from scipy.stats import t as student_t
 
-from kdframe.ablate import SUMMARY, cell_label, state_files
-from kdframe.engine import TEACHER, iter_records
 from kdframe.errors import KdframeError
-from kdframe.rundir import RunDir
+from kdframe.fileio import iter_jsonl
+from kdframe.grid import cell_label, state_files
+from kdframe.rundir import LAYER_WEIGHTS, METRICS, SUMMARY, TEACHER, RunDir
 
 SELECTION_NOTE = ("*best* is the best dev score seen during training (what best-dev checkpoint selection keeps);"
                   " choosing on the same dev set it is scored on inflates it, so *final* (after the last step)"
@@ -51,8 +51,8 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> "Run":
-        return cls(path, _read_json(path / SUMMARY), list(iter_records(path / "metrics.jsonl")),
-                   [r for r in iter_records(path / "layer_weights.jsonl") if r.get("flow")])
+        return cls(path, _read_json(path / SUMMARY), list(iter_jsonl(path / METRICS)),
+                   [r for r in iter_jsonl(path / LAYER_WEIGHTS) if r.get("flow")])
 
     def student(self, part: str) -> dict[str, float]:
         """The student's ``best`` or ``final`` metrics ({} if the run did not finish)."""
@@ -414,7 +414,7 @@ def write_report(directory: str | Path) -> list[Path]:
     files = state_files(root)
     if files:
         return _ablation_report(root, files)
-    if (root / SUMMARY).is_file() or (root / "metrics.jsonl").is_file():
+    if (root / SUMMARY).is_file() or (root / METRICS).is_file():
         return _run_report(root)
     raise KdframeError(f"{root} is neither an ablation directory (no ablation.json) nor a run directory"
                        " (no summary.json or metrics.jsonl)")

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from kdframe.errors import KdframeError
+from kdframe.fileio import atomic_write_text, iter_jsonl
 
 RECIPE = "recipe.resolved.toml"
 CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"  # train records and dev evaluations, one JSON object per line
+LAYER_WEIGHTS = "layer_weights.jsonl"  # layer weights and flows per cost kind, every log_every steps
 PROGRESS = "progress.json"  # kdframe.progress: the current stage's step, rewritten as it trains
+#: The stage key of the teacher's fine-tuning in logs, checkpoints and best-*.pt (never a student stage's name).
+TEACHER = "teacher"
 
 
 def _drop_none(value: Any) -> Any:
@@ -74,11 +80,13 @@ class RunDir:
         return run
 
     @classmethod
-    def open_for_resume(cls, path: Path, recipe_text: str) -> "RunDir":
+    def open_for_resume(cls, path: Path, same_recipe: Callable[[Path], bool]) -> "RunDir":
+        """An earlier run to continue; ``same_recipe(stored)`` says whether the recipe file it was
+        made with means what the recipe given now means."""
         stored = path / RECIPE
         if not stored.is_file():
             raise KdframeError(f"--resume {path}: not a kdframe run directory (no {RECIPE})")
-        if stored.read_text() != recipe_text:
+        if not same_recipe(stored):
             raise KdframeError(
                 f"--resume {path}: the run was made with a different recipe; compare {stored}"
                 " with the recipe and --set options given now"
@@ -88,10 +96,7 @@ class RunDir:
     def write_text(self, name: str, text: str) -> None:
         if not self.writes:
             return
-        target = self.path / name
-        tmp = target.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic_write_text(self.path / name, text)
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -106,33 +111,40 @@ class RunDir:
         """On resume, drop log lines written after the checkpoint so logs equal an unbroken run."""
         if not self.writes:
             return
-        for name in ("metrics.jsonl", "layer_weights.jsonl"):
-            path = self.path / name
-            if not path.exists():
-                continue
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
-                if record.get("stage") == stage_key and record.get("step", 0) > step:
-                    continue
-                kept.append(line)
-            self.write_text(name, "".join(k + "\n" for k in kept))
+        for name in (METRICS, LAYER_WEIGHTS):
+            if (self.path / name).exists():
+                kept = [r for r in iter_jsonl(self.path / name)
+                        if not (r.get("stage") == stage_key and r.get("step", 0) > step)]
+                self.write_text(name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write_env(self, seed: int, device: str, plugins: list[dict[str, str]]) -> None:
         import torch
-        import transformers
 
         self.write_json("env.json", {
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            "packages": _dependency_versions(),
             "seed": seed,
             "device": device,
             "threads": torch.get_num_threads(),
             "plugins": plugins,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+
+
+def _dependency_versions() -> dict[str, str]:
+    """The installed version of every package kdframe depends on (its packaging metadata)."""
+    import importlib.metadata
+    import re
+
+    versions = {}
+    for requirement in importlib.metadata.requires("kdframe") or []:
+        if "extra ==" in requirement:
+            continue  # optional extras (test tools)
+        name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -121,7 +121,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from kdframe.api import StageContext, StrategyRegistry, bounded, hookimpl
+from kdframe.api import Registry, StageContext, bounded, hookimpl
 
 NAME = "$strategy"
 
@@ -146,7 +146,7 @@ def softmin_flow(cost: torch.Tensor, w_s: torch.Tensor, params: Params) -> torch
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("mapping", NAME, params=Params, keeps_marginals=False,
                  description="softmin of each student layer's cost row (example from kdframe new-plugin)")
 

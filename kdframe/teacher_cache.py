@@ -10,7 +10,7 @@ features of an example at position p, real token or padding, depend neither on h
 tokens follow nor on the other examples of the batch (pad keys are masked, dropout is off). So
 each example is stored padded to the longest example of the split (the longest length a batch can
 have) and sliced to the batch's padded length when a batch is assembled; padding positions come
-out as a forward on that batch gives them (the default losses count padding, method.md 1). Only
+out as a forward on that batch gives them (the default losses count padding, docs/method.md 1). Only
 float rounding differs: CPU kernels for other batch shapes differ at about 1e-7 (fp32 storage).
 
 Layout per example: ``logits`` (C,) or () for regression; ``hidden`` (layers + 1, S, d);
@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from array import array
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from kdframe.caches import cache_root
+from kdframe.fileio import atomic_write
 from kdframe.types import Features, TokenizedSplit
 
 FORMAT = 1  # bump when the stored layout changes: old cache directories are then ignored
@@ -75,8 +75,9 @@ def tokenizer_identity(tokenizer: Any) -> str:
 def split_digest(split: TokenizedSplit) -> str:
     """The tokenised examples, in order (the cache is indexed by position in the split)."""
     digest = hashlib.sha256(f"{split.task.name}|{split.split}|{len(split)}|".encode())
-    for ids, types in zip(split.input_ids, split.token_type_ids):
-        digest.update(array("q", [len(ids), *ids, *types]).tobytes())
+    columns = [split.token_columns[name] for name in sorted(split.token_columns)]
+    for i, ids in enumerate(split.input_ids):
+        digest.update(array("q", [len(ids), *ids, *(value for column in columns for value in column[i])]).tobytes())
     return digest.hexdigest()
 
 
@@ -116,9 +117,7 @@ def open_teacher_cache(recipe: Any, teacher: Any, split: TokenizedSplit, tokeniz
     parts = key_parts(teacher.model, tokenizer, split, recipe.data.max_length, needs, spec.dtype, recipe.precision)
     directory = None
     if spec.storage == "disk":
-        from kdframe.engine import cache_root
-
-        directory = cache_root(recipe) / "teacher-features" / cache_key(parts)
+        directory = cache_root(recipe.data) / "teacher-features" / cache_key(parts)
     return TeacherCache(compute, split, needs, spec.dtype, spec.max_bytes, cache_key(parts), directory, parts)
 
 
@@ -149,7 +148,7 @@ class TeacherCache:
                     self.bytes += file.stat().st_size
             meta = directory / "key.json"
             if not meta.exists():
-                _write_atomic(meta, lambda f: f.write(json.dumps(parts or {}, indent=2, sort_keys=True).encode()))
+                atomic_write(meta, lambda f: f.write(json.dumps(parts or {}, indent=2, sort_keys=True).encode()))
 
     def stats(self) -> dict[str, Any]:
         """For the stage summary: examples served from the cache (hits) and run through the teacher
@@ -207,7 +206,7 @@ class TeacherCache:
             self.memory[index] = entry
         else:
             # No fsync: a torn file after a crash fails to load and is recomputed.
-            _write_atomic(self._file(index), lambda f: torch.save(entry, f))
+            atomic_write(self._file(index), lambda f: torch.save(entry, f))
             self.on_disk.add(index)
         self.bytes += size
 
@@ -266,21 +265,10 @@ class TeacherCache:
 
 
 def _pad(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """Right-pad every (B, L) tensor with zeros to ``length``, as ``engine.collate`` pads."""
+    """Right-pad every (B, L) tensor with zeros to ``length``, as ``kdframe.batches.collate`` pads."""
     extra = length - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
     return {name: torch.nn.functional.pad(value, (0, extra)) if value.dim() == 2 else value
             for name, value in batch.items()}
 
-
-def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    """Temp file in the same directory, then rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

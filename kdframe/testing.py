@@ -31,10 +31,11 @@ import pytest
 import tomli_w
 import torch
 
-from kdframe.errors import RecipeError
+from kdframe.errors import PluginError, RecipeError
 from kdframe.plugins import PluginHost, load_plugins
 from kdframe.recipe import Stage, converter, structure
 from kdframe.registry import Strategy
+from kdframe.step import DistillStep
 from kdframe.types import Features, Selected, StageContext, TaskInfo
 
 Weights = tuple[torch.Tensor, torch.Tensor]
@@ -157,8 +158,7 @@ def _batch(num_labels: int, seed: int = 3) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     size = MASK.shape[0]
     labels = torch.rand(size, generator=gen) if num_labels == 1 else torch.randint(num_labels, (size,), generator=gen)
-    return {"input_ids": torch.randint(100, MASK.shape, generator=gen) * MASK, "token_type_ids": torch.zeros_like(MASK),
-            "attention_mask": MASK, "labels": labels}
+    return {"input_ids": torch.randint(100, MASK.shape, generator=gen) * MASK, "attention_mask": MASK, "labels": labels}
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _expect(condition: Any, message: str) -> None:
 def _only_answer(host: PluginHost, hook: str, where: str, **kwargs: Any) -> Any:
     """The one non-None answer to a firstresult hook; two answers mean a plugin ignores the
     strategy name in ``ctx`` and would shadow another plugin's strategy."""
-    answers = [(plugin, result) for plugin, result in host._results_with_names(hook, **kwargs) if result is not None]
+    answers = [(plugin, result) for plugin, result in host.answers_by_plugin(hook, **kwargs) if result is not None]
     _expect(answers, f"{where}: no plugin answered {hook}")
     _expect(len(answers) == 1, f"{where}: plugins {[p for p, _ in answers]} all answered {hook};"
                                " answer only for your own strategy name")
@@ -219,7 +219,7 @@ def check_mapping(host: PluginHost, name: str, params: dict[str, Any] | None = N
     gen = torch.Generator().manual_seed(0)
     for m, n in sizes:
         ctx = make_context(host, m, n, mapping=name, mapping_params=params)
-        host.call("kdframe_stage_start", ctx=ctx)
+        host.stage_start(ctx)
         for weights_kind, weights in (("uniform", random_weights(m, n)), ("skewed", random_weights(m, n, gen))):
             for cost_kind, cost in _random_costs(m, n, gen).items():
                 where = f"mapping {name!r} ({m}x{n}, {cost_kind} cost, {weights_kind} weights)"
@@ -251,7 +251,7 @@ def check_weighting(host: PluginHost, name: str, params: dict[str, Any] | None =
     kinds = ("att", "hid")
     for m, n in sizes:
         ctx = make_context(host, m, n, weighting=name, weighting_params=params)
-        host.call("kdframe_stage_start", ctx=ctx)
+        host.stage_start(ctx)
         weights = dict.fromkeys(kinds, random_weights(m, n))
         for step in range(steps + 1):
             zero = step == steps
@@ -283,19 +283,18 @@ def check_loss_term(host: PluginHost, name: str, params: dict[str, Any] | None =
     for m, n in sizes:
         where = f"loss {name!r} ({m}x{n}, {'regression' if regression else 'classification'})"
         ctx = make_context(host, m, n, mapping=mapping, losses={name: params or {}}, regression=regression)
-        extra = host.merged("kdframe_extra_parameters", ctx=ctx)
-        host.call("kdframe_stage_start", ctx=ctx)
+        extra = host.extra_parameters(ctx)
+        host.stage_start(ctx)
         labels = 1 if regression else 2
         student = random_features(m, ctx.student_hidden_size, ctx.student_heads, seed=1, grad=True, num_labels=labels)
         teacher = None if strategy.student_only else random_features(
             n, ctx.teacher_hidden_size, ctx.teacher_heads, seed=2, num_labels=labels)
-        costs = {} if teacher is None else host.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
-        flows = {kind: host.first("kdframe_layer_mapping", f"mapping {mapping!r}", kind=kind, cost=cost,
-                                  weights=random_weights(m, n), ctx=ctx) for kind, cost in costs.items()}
-        terms = host.merged("kdframe_loss_terms", student=student, teacher=teacher, costs=costs, flows=flows,
-                            batch=_batch(labels), ctx=ctx)
-        _expect(set(terms) == {name}, f"{where}: expected only the active term, got {sorted(terms)}")
-        term = terms[name]
+        try:
+            out = DistillStep(host, ctx).from_features(student, teacher, _batch(labels), {})
+        except PluginError as exc:
+            raise AssertionError(f"{where}: {exc}") from None
+        _expect(set(out.terms) == {name}, f"{where}: expected only the active term, got {sorted(out.terms)}")
+        term = out.terms[name]
         _expect(isinstance(term, torch.Tensor) and term.dim() == 0, f"{where}: expected a scalar tensor, got {term!r}")
         _expect(torch.isfinite(term), f"{where}: non-finite value {term.item()}")
         _expect(term.requires_grad, f"{where}: the term is detached from the student")
@@ -308,13 +307,10 @@ def check_loss_term(host: PluginHost, name: str, params: dict[str, Any] | None =
 
 
 def _plugin_state(host: PluginHost, ctx: StageContext) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    for part in host.call("kdframe_state_dict", ctx=ctx):
-        _expect(isinstance(part, dict), f"kdframe_state_dict must return a dict, got {part!r}")
-        taken = set(state) & set(part)
-        _expect(not taken, f"kdframe_state_dict: keys {sorted(taken)} returned by two plugins; prefix your own")
-        state.update(part)
-    return state
+    try:
+        return host.state_dict(ctx)
+    except PluginError as exc:  # a key returned by two plugins, or not a dict
+        raise AssertionError(f"kdframe_state_dict: {exc}; prefix the keys with your plugin's name") from None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -342,9 +338,9 @@ def check_state_roundtrip(host: PluginHost, ctx: StageContext) -> dict[str, Any]
         raise AssertionError(f"plugin state does not load with weights_only=True (tensors and plain data"
                              f" only): {str(exc).splitlines()[0]}") from None
     fresh = attrs.evolve(ctx, state={})
-    host.merged("kdframe_extra_parameters", ctx=fresh)
-    host.call("kdframe_stage_start", ctx=fresh)
-    host.call("kdframe_load_state_dict", ctx=fresh, state=loaded)
+    host.extra_parameters(fresh)
+    host.stage_start(fresh)
+    host.load_state_dict(fresh, loaded)
     restored = _plugin_state(host, fresh)
     _expect(_same(restored, state), f"plugin state after a resume differs: saved {state!r}, restored {restored!r}")
     return state

@@ -1,14 +1,23 @@
-"""Data passed between the engine and plugins through hooks."""
+"""Data passed between the engine and plugins through hooks.
+
+torch is imported for annotations only: recipes, the registry and the CLI's parsers read these
+classes without paying for torch's import.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: Feature names a strategy may declare in ``needs``.
 FEATURES = ("logits", "hidden", "attn")
+
+#: Layer weights per cost kind: (student weights (M,), teacher weights (N,)), each on the simplex.
+LayerWeights = dict[str, "tuple[torch.Tensor, torch.Tensor]"]
 
 
 @attrs.define
@@ -52,13 +61,18 @@ class TaskInfo:
 
 @attrs.define
 class TokenizedSplit:
-    """A tokenised split: parallel lists, one entry per example, unpadded."""
+    """A tokenised split: parallel lists, one entry per example, unpadded.
+
+    ``token_columns`` holds the other per-token model inputs by name (e.g. ``token_type_ids``),
+    each as long as ``input_ids`` example by example; batches pad them with 0 like ``input_ids``
+    and add the ``attention_mask``.
+    """
 
     task: TaskInfo
     split: str
     input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
     labels: list[float] | list[int]
+    token_columns: dict[str, list[list[int]]] = attrs.Factory(dict)
     source: str = ""
 
     def __len__(self) -> int:

@@ -1,3 +1,4 @@
+import functools
 import os
 import subprocess
 import sys
@@ -23,9 +24,24 @@ def _isolated_cache(tmp_path_factory):
     os.environ["KDFRAME_CACHE"] = str(tmp_path_factory.getbasetemp() / "kdframe-cache")
 
 
+@functools.cache
+def bundled_host():
+    """The installed plugins, loaded once per test session (for tests that only read the registry)."""
+    from kdframe.plugins import load_plugins
+
+    return load_plugins()
+
+
+def read_recipe(path, *overrides):
+    """``kdframe.recipe.load_recipe`` with the installed plugins: a LoadedRecipe."""
+    from kdframe.recipe import load_recipe
+
+    return load_recipe(path, list(overrides), bundled_host().registry)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """Run the kdframe CLI in a subprocess, as a user would."""
-    full_env = dict(os.environ, PYTHONPATH=str(FIXTURES), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(FIXTURES), **(env or {})}
     return subprocess.run([sys.executable, "-m", "kdframe.cli", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

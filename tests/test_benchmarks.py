@@ -1,7 +1,8 @@
 """The benchmark scripts run in --quick mode (seconds): they stay runnable as the engine changes.
 
-bench_step.py times a copy of Trainer.train_step and checks that it computes what the engine
-computes, so this fails when the two drift apart. Numbers are not asserted (docs/performance.md).
+bench_step.py times kdframe.step.train_step itself, per phase, through the step's ``phase`` markers
+(nothing copied), so this fails when the step's API or phases change under it. Numbers are not
+asserted (docs/performance.md).
 """
 
 import subprocess

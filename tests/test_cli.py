@@ -37,7 +37,7 @@ def test_misspelled_key_names_its_path_and_allowed_keys(cli, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'extends = "{SMOKE}"\n[data]\nmax_lenght = 3\n')
     result = cli("validate", str(recipe))
-    assert_bad_input(result, "data: unknown key 'max_lenght'; allowed: task, glue_dir, max_length")
+    assert_bad_input(result, "data: unknown key 'max_lenght'; allowed: task, source, max_length, train_limit, dev_limit, cache_dir, glue_dir")
 
 
 def test_wrong_type_names_its_path(cli):
@@ -89,7 +89,7 @@ def test_autoload_off_still_loads_bundled_plugins(cli):
 @pytest.mark.parametrize("module, fragment", [
     ("kdframe_test_misspelled", "kdframe_layer_maping"),
     ("kdframe_test_broken_import", "failed to import: RuntimeError: this plugin is broken on purpose"),
-    ("kdframe_test_taken", "registers mapping strategy 'emd', which plugin 'emd' already registered"),
+    ("kdframe_test_taken", "mapping strategy 'emd' is registered by two plugins"),
     ("kdframe_no_such_module", "kdframe_no_such_module"),
 ])
 def test_bad_plugins_are_bad_input(cli, module, fragment):

@@ -36,8 +36,8 @@ def started_context(host: PluginHost, strategy: Strategy):
     ctx = make_context(host, 2, 4, mapping=name if slot == "mapping" else "emd",
                        weighting=name if slot == "weighting" else None,
                        losses={name: {}} if slot == "loss" else {"hid": {}})
-    host.merged("kdframe_extra_parameters", ctx=ctx)
-    host.call("kdframe_stage_start", ctx=ctx)
+    host.extra_parameters(ctx)
+    host.stage_start(ctx)
     return ctx
 
 
@@ -115,7 +115,7 @@ class InlineMapping:
         self.flow, self.keeps_marginals, self.only_own = flow, keeps_marginals, only_own
 
     @hookimpl
-    def kdframe_register_strategies(self, registry):
+    def kdframe_register(self, registry):
         registry.add("mapping", "broken", keeps_marginals=self.keeps_marginals)
 
     @hookimpl
@@ -158,7 +158,7 @@ class InlineWeighting:
         self.update = update
 
     @hookimpl
-    def kdframe_register_strategies(self, registry):
+    def kdframe_register(self, registry):
         registry.add("weighting", "broken")
 
     @hookimpl
@@ -189,7 +189,7 @@ class InlineLoss:
         self.term, self.also = term, also
 
     @hookimpl
-    def kdframe_register_strategies(self, registry):
+    def kdframe_register(self, registry):
         registry.add("loss", "broken", needs=("logits",))
 
     @hookimpl
@@ -247,7 +247,7 @@ def test_state_check_passes_real_state(make_host) -> None:
 @pytest.mark.parametrize(("plugins", "steps", "problem"), [
     ((InlineState(restores=False),), torch.tensor(5), "state after a resume differs"),
     ((InlineState(),), object(), "does not load with weights_only=True"),
-    ((InlineState(), OtherState()), torch.tensor(5), r"keys \['inline.steps'\] returned by two plugins"),
+    ((InlineState(), OtherState()), torch.tensor(5), r"plugins '\w+State', '\w+State' both returned 'inline.steps'"),
 ])
 def test_state_check_catches(make_host, plugins: tuple, steps: Any, problem: str) -> None:
     host = make_host(*plugins)

@@ -21,6 +21,8 @@ def reachable_fields(cls: type, prefix: str = "") -> typing.Iterator[str]:
     table keys), walked independently of the generator so that a field it skips is caught."""
     hints = typing.get_type_hints(cls)
     for field in attrs.fields(cls):
+        if field.metadata.get("source_params"):
+            continue  # the data source's keys: test_every_bundled_data_source_key_is_documented
         path = prefix + field.name
         yield path
         tp = hints[field.name]
@@ -53,6 +55,21 @@ def test_every_bundled_strategy_param_is_documented(strategy):
     missing = [f.name for f in attrs.fields(strategy.params)
                if f"`{docgen.strategy_param_path(strategy, f.name)}`" not in section]
     assert not missing, f"docs/recipes.md: {strategy.slot} {strategy.name!r} lacks params {missing}; {REGENERATE}"
+
+
+@pytest.mark.parametrize("source", [s for s in docgen.bundled()[0].data_sources()], ids=lambda s: s.name)
+def test_every_bundled_data_source_key_is_documented(source):
+    heading = f"\n### data source `{source.name}`\n"
+    assert heading in RECIPES, f"docs/recipes.md has no section for data source {source.name!r}; {REGENERATE}"
+    section = RECIPES.split(heading, 1)[1].split("\n### ", 1)[0]
+    missing = [f.name for f in attrs.fields(source.params) if f"`data.{f.name}`" not in section]
+    assert not missing, f"docs/recipes.md: data source {source.name!r} lacks keys {missing}; {REGENERATE}"
+
+
+def test_every_hookspec_documents_when_it_is_called_with_an_example():
+    for func in docgen.hook_functions():
+        doc = docgen.HookDoc.of(func)  # raises without one Called: paragraph and an Example:: block
+        assert doc.text and doc.called and "@hookimpl" in doc.example, func.__name__
 
 
 @pytest.mark.parametrize("name", sorted(docgen.GENERATED))

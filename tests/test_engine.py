@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from kdframe.engine import adamw, param_groups
+from kdframe.optim import adamw, param_groups
 
 SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
 
@@ -53,14 +53,20 @@ def test_logged_flows_have_the_logged_weights_as_marginals(reference_run):
         assert torch.allclose(flow.sum(0), torch.tensor(record["teacher"], dtype=torch.float64), atol=1e-6)
 
 
-@pytest.mark.parametrize("kill", ["step:5", "eval:4", "write:6"])
+@pytest.mark.parametrize("kill", ["step:5", "eval:4", "write:6", "step:3 format-1"])
 def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, kill):
+    """Killed at a step, an evaluation or inside a checkpoint write; "format-1": the checkpoint
+    rewritten as kdframe wrote it before checkpoints had a format version."""
     out = tmp_path / "run"
     killed = run_cli("run", SMOKE, "--out", str(out), "--progress", "off", "-p", "kdframe_test_killer",
-                     env={"KDFRAME_TEST_KILL": kill})
+                     env={"KDFRAME_TEST_KILL": kill.split()[0]})
     assert killed.returncode == -9, killed.stderr
     assert not (out / "summary.json").exists()
-    torch.load(out / "checkpoint.pt", weights_only=True)  # the previous checkpoint survived
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # the previous checkpoint survived
+    assert state["format"] == 2 and state["stage"] == "distil"
+    if kill.endswith("format-1"):
+        del state["format"]
+        torch.save(state, out / "checkpoint.pt")
     resumed = run_cli("run", SMOKE, "--resume", str(out), "--progress", "off")
     assert resumed.returncode == 0, resumed.stderr
     expected = json.loads((reference_run / "summary.json").read_text())
@@ -107,6 +113,34 @@ def test_fused_adamw_steps_like_the_for_loop_and_resumes_its_state():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+def test_checkpoint_of_a_newer_format_is_refused(reference_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "format": 99}, run / "checkpoint.pt")
+    result = run_cli("run", SMOKE, "--resume", str(run), "--progress", "off")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"checkpoint {run / 'checkpoint.pt'} cannot be resumed (format 99, this kdframe reads formats 1 to 2:" \
+           " update kdframe)" in result.stderr
+
+
+def test_resume_accepts_the_recipe_as_an_earlier_kdframe_wrote_it(reference_run, tmp_path):
+    """Resolved recipes are compared structured: one written before [data] had a source key (and
+    with a default key left out) means the same recipe."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    stored = run / "recipe.resolved.toml"
+    text = stored.read_text()
+    assert 'source = "glue"\n' in text and "train_limit = 64\n" in text
+    stored.write_text(text.replace('source = "glue"\n', "").replace("cache_dir = \"\"\n", ""))
+    result = run_cli("run", SMOKE, "--resume", str(run), "--progress", "off")
+    assert result.returncode == 0, result.stderr
+
+
 def test_resume_refuses_a_run_of_another_recipe(reference_run):
     result = run_cli("run", SMOKE, "--resume", str(reference_run), "--set", "stages[0].lr=0.5", "--progress", "off")
     assert result.returncode == 2
@@ -141,15 +175,15 @@ def test_teacher_cache_key_follows_the_data_content_not_its_location(tmp_path):
 
     import attrs
 
-    from kdframe.engine import teacher_cache_key
-    from kdframe.plugins import load_plugins
-    from kdframe.recipe import load_recipe
+    from conftest import bundled_host, read_recipe
+    from kdframe.caches import teacher_key
 
-    host = load_plugins()
-    recipe, _ = load_recipe(SMOKE, [])
+    host = bundled_host()
+    recipe = read_recipe(SMOKE).recipe
 
     def key(glue_dir):
-        return teacher_cache_key(attrs.evolve(recipe, data=attrs.evolve(recipe.data, glue_dir=str(glue_dir))), host)
+        data = attrs.evolve(recipe.data, params=attrs.evolve(recipe.data.params, glue_dir=str(glue_dir)))
+        return teacher_key(attrs.evolve(recipe, data=data), host.data_fingerprint(data))
 
     copies = [tmp_path / "a", tmp_path / "b"]
     for copy in copies:

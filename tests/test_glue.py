@@ -16,7 +16,8 @@ from transformers import BertTokenizerFast
 
 import kdframe_glue as glue
 from kdframe import hookspecs
-from kdframe.api import DataError, TaskInfo
+from kdframe.api import DataError, Registry, TaskInfo
+from kdframe.caches import cache_root
 from kdframe.recipe import DataSpec
 from kdframe_glue.reading import read_tsv
 from kdframe_glue.tasks import TASKS
@@ -41,9 +42,15 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
 
 
 def load(task: str, split: str, tokenizer, cache: Path, glue_dir: Path | str = SHARED_GLUE, **data):
-    spec = DataSpec(task=task, glue_dir=str(glue_dir), **data)
-    return glue.kdframe_load_data(data=spec, task=glue.kdframe_task_info(task), split=split,
-                                  tokenizer=tokenizer, cache_dir=str(cache))
+    spec = DataSpec(task=task, source="glue", params=glue.GlueParams(glue_dir=str(glue_dir)), **data)
+    return glue.kdframe_load_data(data=spec, task=TASKS[task].info, split=split, tokenizer=tokenizer,
+                                  cache_dir=str(cache))
+
+
+def registered() -> Registry:
+    registry = Registry()
+    glue.kdframe_register(registry=registry)
+    return registry
 
 
 def write(root: Path, relative: str, text: str, *, bom: bool = False, crlf: bool = False) -> Path:
@@ -62,38 +69,48 @@ def data_error(task: str, split: str, tokenizer, tmp_path: Path, **data) -> str:
 
 # -- tasks --------------------------------------------------------------------------------
 
+def info_of(name: str) -> TaskInfo:
+    return registered().task(name).info
+
+
 def test_task_table_follows_glue() -> None:
-    assert glue.kdframe_task_names() == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm",
-                                         "qnli", "rte", "wnli"]
-    main = {name: glue.kdframe_task_info(name).main_metric for name in glue.kdframe_task_names()}
+    registry = registered()
+    assert [task.name for task in registry.tasks()] == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "mnli-mm",
+                                                        "qnli", "rte", "wnli"]
+    assert {task.source for task in registry.tasks()} == {"glue"}
+    assert [source.name for source in registry.data_sources()] == ["glue"]
+    main = {task.name: task.info.main_metric for task in registry.tasks()}
     assert main == {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "stsb": "spearman",
                     "mnli": "accuracy", "mnli-mm": "accuracy", "qnli": "accuracy", "rte": "accuracy",
                     "wnli": "accuracy"}
     for name in main:
-        info = glue.kdframe_task_info(name)
+        info = info_of(name)
         assert info.main_metric in info.metrics and info.num_labels == (len(info.labels) or 1)
-    assert glue.kdframe_task_info("mrpc").metrics == ("f1", "accuracy")
-    stsb = glue.kdframe_task_info("stsb")
+    assert info_of("mrpc").metrics == ("f1", "accuracy")
+    stsb = info_of("stsb")
     assert stsb.is_regression and stsb.metrics == ("pearson", "spearman")
     # TSV label values in nyu-mll/glue ClassLabel id order.
-    assert glue.kdframe_task_info("rte").labels == ("entailment", "not_entailment")
-    assert glue.kdframe_task_info("mnli").labels == ("entailment", "neutral", "contradiction")
-    assert glue.kdframe_task_info("cola").labels == ("0", "1")
-    assert glue.kdframe_task_info("mnli").text_columns == ("premise", "hypothesis")
+    assert info_of("rte").labels == ("entailment", "not_entailment")
+    assert info_of("mnli").labels == ("entailment", "neutral", "contradiction")
+    assert info_of("cola").labels == ("0", "1")
+    assert info_of("mnli").text_columns == ("premise", "hypothesis")
 
 
-def test_unknown_task_is_left_to_other_plugins(tokenizer, tmp_path: Path) -> None:
-    assert glue.kdframe_task_info("squad") is None
+def test_other_sources_are_left_to_other_plugins(tokenizer, tmp_path: Path) -> None:
+    assert registered().task("squad") is None
     other = TaskInfo("squad", 2, ("accuracy",), "accuracy")
-    assert glue.kdframe_load_data(data=DataSpec(task="squad"), task=other, split="train",
+    assert glue.kdframe_load_data(data=DataSpec(task="squad", source="squad"), task=other, split="train",
                                   tokenizer=tokenizer, cache_dir=str(tmp_path)) is None
+    assert glue.kdframe_data_fingerprint(data=DataSpec(task="squad", source="squad")) is None
 
 
 def test_hooks_match_the_hookspecs() -> None:
     pm = pluggy.PluginManager("kdframe")
     pm.add_hookspecs(hookspecs)
     pm.register(glue)  # raises on a misspelt hook or argument
-    assert pm.hook.kdframe_task_info(name="rte").name == "rte"
+    registry = Registry()
+    pm.hook.kdframe_register(registry=registry)
+    assert registry.task("rte").source == "glue"
 
 
 # -- the real GLUE files ------------------------------------------------------------------
@@ -107,11 +124,11 @@ def test_real_split_sizes(task: str, split: str, rows: int, tokenizer, tmp_path:
     # A long max_length keeps this fast: the letter-level vocabulary makes RTE pairs very long, and
     # longest_first truncation of a pair grows with how much it must cut.
     loaded = load(task, split, tokenizer, tmp_path, max_length=512)
-    assert len(loaded) == len(loaded.token_type_ids) == len(loaded.labels) == rows
+    assert len(loaded) == len(loaded.token_columns["token_type_ids"]) == len(loaded.labels) == rows
     assert loaded.split == split and loaded.task.name == task
     assert loaded.source == str(SHARED_GLUE / TASKS[task].folder / f"{split}.tsv")
     assert all(ids[0] == tokenizer.cls_token_id and len(ids) <= 512 for ids in loaded.input_ids)
-    assert [len(t) for t in loaded.token_type_ids] == [len(ids) for ids in loaded.input_ids]
+    assert [len(t) for t in loaded.token_columns["token_type_ids"]] == [len(ids) for ids in loaded.input_ids]
     kinds = {type(y) for y in loaded.labels}
     assert kinds == ({float} if task == "stsb" else {int})
 
@@ -120,7 +137,7 @@ def test_real_split_sizes(task: str, split: str, rows: int, tokenizer, tmp_path:
 def test_mrpc_dev_labels_and_pairs(tokenizer, tmp_path: Path) -> None:
     loaded = load("mrpc", "dev", tokenizer, tmp_path)
     assert sum(loaded.labels) == 279
-    assert all(1 in types for types in loaded.token_type_ids)  # sentence pairs: segment 1 exists
+    assert all(1 in types for types in loaded.token_columns["token_type_ids"])  # sentence pairs: segment 1 exists
 
 
 @needs_shared
@@ -250,7 +267,7 @@ def test_truncation_without_padding(tokenizer, tmp_path: Path) -> None:
     write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\tabcdefghij\tabc\tentailment\n1\ta\tb\tentailment\n")
     loaded = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", max_length=8)
     assert [len(ids) for ids in loaded.input_ids] == [8, 5]
-    assert loaded.token_type_ids[1] == [0, 0, 0, 1, 1]
+    assert loaded.token_columns["token_type_ids"][1] == [0, 0, 0, 1, 1]
 
 
 # -- the cache ----------------------------------------------------------------------------
@@ -270,7 +287,7 @@ def test_cache_is_reused_and_keyed(tokenizer, tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr("kdframe_glue.loading.read_tsv", fail)
     again = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
-    assert again.input_ids == first.input_ids and again.token_type_ids == first.token_type_ids
+    assert again.input_ids == first.input_ids and again.token_columns == first.token_columns
     assert again.labels == first.labels
     monkeypatch.undo()
 
@@ -306,14 +323,13 @@ def test_corrupt_cache_is_rebuilt(garbage: str, tokenizer, tmp_path: Path) -> No
     assert file.read_text() != garbage
 
 
-def test_default_cache_dir_from_environment(tokenizer, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
+def test_cache_root_from_recipe_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache directory the engine hands to kdframe_load_data: data.cache_dir, else $KDFRAME_CACHE."""
     monkeypatch.setenv("KDFRAME_CACHE", str(tmp_path / "env-cache"))
-    spec = DataSpec(task="rte", glue_dir=str(tmp_path / "glue"))
-    glue.kdframe_load_data(data=spec, task=glue.kdframe_task_info("rte"), split="dev", tokenizer=tokenizer,
-                           cache_dir="")
-    assert len(cache_files(tmp_path / "env-cache")) == 1
+    assert cache_root(DataSpec(task="rte")) == tmp_path / "env-cache"
+    assert cache_root(DataSpec(task="rte", cache_dir=str(tmp_path / "mine"))) == tmp_path / "mine"
+    monkeypatch.delenv("KDFRAME_CACHE")
+    assert cache_root(DataSpec(task="rte")) == Path.home() / ".cache" / "kdframe"
 
 
 # -- the hub (offline: datasets.load_dataset is replaced by in-memory datasets) -------------
@@ -377,7 +393,7 @@ def test_hub_offline_suggests_glue_dir(tokenizer, tmp_path: Path, monkeypatch: p
 # -- metrics ------------------------------------------------------------------------------
 
 def metrics(task: str, predictions, labels) -> dict[str, float]:
-    info = glue.kdframe_task_info(task)
+    info = info_of(task)
     return glue.kdframe_compute_metrics(task=info, predictions=predictions, labels=labels)
 
 

@@ -238,8 +238,7 @@ def test_minilm_package_loads_and_gives_features():
 def test_the_plugin_answers_through_the_plugin_host():
     host = load_plugins()
     spec = TeacherSpec(init="config", tokenizer="builtin:chars", config={**TINY, "num_hidden_layers": 1})
-    loaded = host.first("kdframe_load_model", "a model loader", role="teacher", spec=spec, task=TASK,
-                        teacher=None, base_dir=".")
+    loaded = host.load_model("teacher", spec, TASK, None, ".")
     assert loaded.num_layers == 1
 
 

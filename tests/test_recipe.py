@@ -2,8 +2,9 @@
 
 import pytest
 
+from conftest import read_recipe
 from kdframe.errors import RecipeError
-from kdframe.recipe import Recipe, apply_override, load_recipe, resolve_recipe, structure
+from kdframe.recipe import Recipe, apply_override, resolve_stages, structure
 
 BASE = {
     "data": {"task": "mrpc"},
@@ -84,7 +85,7 @@ def test_extends_merges_tables_and_replaces_lists(tmp_path):
         'name = "base"\n[data]\ntask = "rte"\nmax_length = 64\n[teacher]\ninit = "config"\n'
         '[student]\ninit = "config"\n[[stages]]\nname = "a"\n[[stages]]\nname = "b"\n')
     (tmp_path / "top.toml").write_text('extends = "base.toml"\n[data]\nmax_length = 32\n[[stages]]\nname = "c"\n')
-    recipe, _ = load_recipe(tmp_path / "top.toml")
+    recipe = read_recipe(tmp_path / "top.toml").recipe
     assert (recipe.data.task, recipe.data.max_length) == ("rte", 32)
     assert [s.name for s in recipe.stages] == ["c"]
 
@@ -93,22 +94,32 @@ def test_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
     with pytest.raises(RecipeError, match="extends itself"):
-        load_recipe(tmp_path / "a.toml")
+        read_recipe(tmp_path / "a.toml")
 
 
-def test_relative_paths_resolve_against_the_recipe(tmp_path):
+def test_relative_paths_resolve_against_the_recipe_that_sets_them(tmp_path):
+    """The data source's path keys too, and a base recipe's paths against the base's directory."""
     (tmp_path / "glue").mkdir()
+    (tmp_path / "sub").mkdir()
     (tmp_path / "r.toml").write_text(
-        '[data]\nglue_dir = "glue"\n[teacher]\ninit = "config"\n[student]\ninit = "config"\n[[stages]]\n')
-    recipe, _ = load_recipe(tmp_path / "r.toml")
-    assert recipe.data.glue_dir == str((tmp_path / "glue").resolve())
+        '[data]\nglue_dir = "glue"\ncache_dir = "cache"\n[teacher]\ninit = "config"\ntokenizer = "glue"\n'
+        '[student]\ninit = "config"\n[[stages]]\n')
+    (tmp_path / "sub" / "top.toml").write_text('extends = "../r.toml"\n[data]\ncache_dir = "mine"\n')
+    recipe = read_recipe(tmp_path / "r.toml").recipe
+    assert recipe.data.params.glue_dir == str((tmp_path / "glue").resolve())
+    top = read_recipe(tmp_path / "sub" / "top.toml").recipe
+    assert top.data.params.glue_dir == recipe.data.params.glue_dir  # anchored at the base recipe
+    assert top.teacher.tokenizer == str((tmp_path / "glue").resolve())
+    assert top.data.cache_dir == str((tmp_path / "sub" / "mine").resolve())  # set by the top recipe
+    overridden = read_recipe(tmp_path / "sub" / "top.toml", 'data.glue_dir="x"').recipe
+    assert overridden.data.params.glue_dir == str((tmp_path / "sub" / "x").resolve())  # --set: the recipe's own
 
 
 def test_strategy_params_structured_into_their_class(kdframe_host):
     recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emd", "reg": 1},
                                                 "weighting": {"strategy": "cost-attention", "normalize": "max"},
                                                 "losses": {"pred": 1.0, "nope": 1.0}}]}, Recipe)
-    _, problems = resolve_recipe(recipe, kdframe_host.registry)
+    _, _, problems = resolve_stages(recipe, kdframe_host.registry)
     assert any(p.startswith("stages[0].mapping: unknown key 'reg'") for p in problems), problems
     assert "stages[0].weighting.normalize: must be one of 'sum', 'softmax'" in problems
     assert any(p.startswith("stages[0].losses.nope: unknown loss strategy 'nope'; known: ") and "pred" in p
@@ -123,5 +134,5 @@ def test_lists_are_not_built_from_strings():
 def test_unknown_mapping_lists_known_ones(make_host):
     host = make_host(blocked=("sinkhorn",))  # the example plugin, when installed
     recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emdd"}, "losses": {"pred": 1.0}}]}, Recipe)
-    _, problems = resolve_recipe(recipe, host.registry)
+    _, _, problems = resolve_stages(recipe, host.registry)
     assert problems == ["stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform"]

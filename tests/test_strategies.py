@@ -22,6 +22,7 @@ from scipy.optimize import linprog
 from kdframe.api import Features, ModelError, StageContext
 from kdframe.plugins import load_plugins
 from kdframe.recipe import structure
+from kdframe.step import DistillStep
 from kdframe.testing import MASK, make_context, random_features
 
 HOST = load_plugins(["no:sinkhorn"])  # the bundled strategies only, whatever else is installed
@@ -400,9 +401,8 @@ def test_cost_attention_weights_stay_on_the_simplex(mapping: str, normalize: str
     weights = {kind: (torch.full((4,), 0.25), torch.full((12,), 1 / 12)) for kind in ("att", "hid")}
     for _ in range(20):
         found = {kind: torch.rand(4, 12, generator=gen) * 10 for kind in weights}
-        flows = {kind: HOST.first("kdframe_layer_mapping", "a mapping", kind=kind, cost=cost, weights=weights[kind], ctx=ctx)
-                 for kind, cost in found.items()}
-        weights = HOST.first("kdframe_update_layer_weights", "a weighting", flows=flows, costs=found, weights=weights, ctx=ctx)
+        flows = {kind: HOST.layer_mapping(kind, cost, weights[kind], ctx) for kind, cost in found.items()}
+        weights = HOST.update_layer_weights(flows, found, weights, ctx)
         for w in (w for pair in weights.values() for w in pair):
             assert torch.isfinite(w).all() and (w > 0).all() and w.dtype == torch.float32
             assert abs(w.double().sum().item() - 1) < 1e-6
@@ -465,22 +465,21 @@ def test_hard_loss_is_cross_entropy_with_gold_labels() -> None:
     ("pkd", None, {"pt": {}, "pred": {"temperature": 5.0}, "hard": {}}),
 ])
 def test_one_engine_step(mapping: str, weighting: str | None, terms: dict) -> None:
+    """kdframe.step's forward on random features through every bundled hook: the terms asked for,
+    the weighted loss, gradients into the student and W_h, and (with cost attention) new weights."""
     M, N = 2, 4
     ctx = make_ctx(M, N, losses=terms, mapping=mapping, weighting=weighting)
-    extra = HOST.merged("kdframe_extra_parameters", ctx=ctx)
-    HOST.call("kdframe_stage_start", ctx=ctx)
+    extra = HOST.extra_parameters(ctx)
+    HOST.stage_start(ctx)
     student, teacher = random_features(M, 8, 2, seed=20, grad=True), random_features(N, 12, 2, seed=21)
-    found = HOST.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
-    weights = {kind: (torch.full((M,), 1 / M), torch.full((N,), 1 / N)) for kind in found}
-    flows = {kind: HOST.first("kdframe_layer_mapping", "a mapping", kind=kind, cost=cost, weights=weights[kind], ctx=ctx)
-             for kind, cost in found.items()}
-    if ctx.weighting:
-        weights = HOST.first("kdframe_update_layer_weights", "a weighting", flows=flows, costs=found, weights=weights, ctx=ctx)
-    batch = {"labels": torch.tensor([0, 1, 1])}
-    values = HOST.merged("kdframe_loss_terms", student=student, teacher=teacher, costs=found, flows=flows, batch=batch, ctx=ctx)
-    assert set(values) == set(terms)
-    loss = sum(ctx.losses[name].weight * value for name, value in values.items())
-    loss.backward()
+    out = DistillStep(HOST, ctx).from_features(student, teacher, {"labels": torch.tensor([0, 1, 1])}, {})
+    assert set(out.terms) == set(terms)
+    assert torch.equal(out.loss, sum(ctx.losses[name].weight * out.terms[name].float() for name in ctx.losses))
+    uniform = {kind: (torch.full((M,), 1 / M), torch.full((N,), 1 / N)) for kind in out.flows}
+    assert all(torch.equal(out.weights[k][i], uniform[k][i]) for k in uniform for i in (0, 1))
+    changed = any(not torch.equal(out.next_weights[k][i], uniform[k][i]) for k in uniform for i in (0, 1))
+    assert changed == (weighting == "cost-attention")
+    out.loss.backward()
     grads = [h.grad for h in student.hidden if h.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     for module in extra.values():

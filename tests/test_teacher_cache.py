@@ -11,10 +11,14 @@ import attrs
 import pytest
 import torch
 
-from conftest import ROOT
-from kdframe.engine import Trainer, collate, extract_features, prepare, stage_context, start_run, uniform_weights
-from kdframe.recipe import load_recipe, to_plain
+from conftest import ROOT, read_recipe
+from kdframe.batches import collate
+from kdframe.recipe import to_plain
+from kdframe.runs import start_run
+from kdframe.session import prepare
+from kdframe.step import DistillStep, stage_context
 from kdframe.teacher_cache import TeacherCache, cache_key, key_parts
+from kdframe.trainer import Trainer
 
 SMOKE = ROOT / "recipes" / "smoke_tiny.toml"  # EMD: att + hid + emb + pred, teacher 4 layers, student 2
 KD = ROOT / "recipes" / "smoke" / "kd.toml"  # logits only
@@ -30,21 +34,22 @@ def smoke():
     gen = torch.Generator().manual_seed(0)
     cut = [int(n) for n in torch.randint(4, 49, (len(session.train),), generator=gen)]
     cut[0] = 48
+    types = session.train.token_columns["token_type_ids"]
     session.train = attrs.evolve(session.train, input_ids=[ids[:n] for ids, n in zip(session.train.input_ids, cut)],
-                                 token_type_ids=[t[:n] for t, n in zip(session.train.token_type_ids, cut)])
+                                 token_columns={"token_type_ids": [t[:n] for t, n in zip(types, cut)]})
     session.teacher.model.eval()
     session.student.model.eval()
     resolved = session.stages[0]
     ctx = stage_context(None, 0, resolved, session.task, session.student, session.teacher, torch.device("cpu"))
     torch.manual_seed(0)
-    session.host.merged("kdframe_extra_parameters", ctx=ctx)  # W_h
-    session.host.call("kdframe_stage_start", ctx=ctx)
+    session.host.extra_parameters(ctx)  # W_h
+    session.host.stage_start(ctx)
     return session, ctx
 
 
 def live(session, batch, needs=ALL):
     with torch.no_grad():
-        return extract_features(session.host, "teacher", session.teacher, batch, needs)
+        return session.host.extract_features("teacher", session.teacher, batch, needs)
 
 
 def new_cache(session, needs=ALL, **kwargs) -> tuple[TeacherCache, list[int]]:
@@ -59,17 +64,11 @@ def new_cache(session, needs=ALL, **kwargs) -> tuple[TeacherCache, list[int]]:
 
 
 def loss_terms(session, ctx, teacher, batch):
-    """att, hid, emb and pred through the real plugins, on the given teacher features."""
-    host = session.host
+    """att, hid, emb and pred through the real plugins' step, on the given teacher features."""
     with torch.no_grad():
-        student = extract_features(host, "student", session.student, batch, ALL)
-        costs = host.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
-        flows = {kind: host.first("kdframe_layer_mapping", "mapping", kind=kind, cost=cost,
-                                  weights=uniform_weights(*cost.shape, cost.device), ctx=ctx)
-                 for kind, cost in costs.items()}
-        terms = host.merged("kdframe_loss_terms", student=student, teacher=teacher, costs=costs, flows=flows,
-                            batch=batch, ctx=ctx)
-    return {name: float(value) for name, value in terms.items()}
+        student = session.host.extract_features("student", session.student, batch, ALL)
+        out = DistillStep(session.host, ctx).from_features(student, teacher, batch, {})
+    return {name: float(value) for name, value in out.terms.items()}
 
 
 def assert_same_features(got, want, atol=1e-5):
@@ -189,7 +188,8 @@ def test_key_changes_with_weights_needs_data_and_settings(smoke):
     base = key()
     assert key() == base
     changed = [key(needs=frozenset({"logits"})), key(max_length=64), key(dtype="bf16"), key(precision="bf16"),
-               key(split=attrs.evolve(split, input_ids=split.input_ids[:-1], token_type_ids=split.token_type_ids[:-1]))]
+               key(split=attrs.evolve(split, input_ids=split.input_ids[:-1],
+                                     token_columns={"token_type_ids": split.token_columns["token_type_ids"][:-1]}))]
     other = copy.deepcopy(teacher)
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1e-3
@@ -218,31 +218,30 @@ def test_disk_cache_is_reused_by_a_new_cache_and_survives_a_torn_file(smoke, tmp
 # -- the recipe section --------------------------------------------------------------------------
 
 def test_recipe_section_defaults_off_and_stays_out_of_resolved_recipes():
-    recipe, problems = load_recipe(KD)
-    assert not problems and not recipe.teacher_cache.enabled
-    assert "teacher_cache" not in to_plain(recipe)  # run directories made before it still resume
-    recipe, _ = load_recipe(KD, ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"'])
+    loaded = read_recipe(KD)
+    assert not loaded.problems and not loaded.recipe.teacher_cache.enabled
+    assert "teacher_cache" not in to_plain(loaded.recipe)  # run directories made before it still resume
+    recipe = read_recipe(KD, "teacher_cache.enabled=true", 'teacher_cache.storage="disk"').recipe
     assert to_plain(recipe)["teacher_cache"] == {"enabled": True, "max_bytes": 4_000_000_000, "dtype": "fp32",
                                                  "storage": "disk"}
-    _, problems = load_recipe(KD, ["teacher_cache.max_bytes=-1"])
-    assert problems == ["teacher_cache.max_bytes: must be >= 0, got -1"]
+    assert read_recipe(KD, "teacher_cache.max_bytes=-1").problems == ["teacher_cache.max_bytes: must be >= 0, got -1"]
 
 
 # -- end to end through the engine ---------------------------------------------------------------
 
 @pytest.fixture
 def teacher_forwards(monkeypatch):
-    """Examples run through the teacher by training steps (Trainer.features, role teacher; the
-    dry-run plan and evaluations call the hook otherwise)."""
+    """Examples run through the teacher by training steps (DistillStep.features, role teacher, in a
+    stage with a run directory: the dry-run plan has none, and evaluations call the hook directly)."""
     counted = []
-    features = Trainer.features
+    features = DistillStep.features
 
-    def counting(self, role, loaded, batch, needs):
-        if role == "teacher":
+    def counting(self, role, loaded, batch):
+        if role == "teacher" and self.ctx.run_dir is not None:
             counted.append(batch["input_ids"].shape[0])
-        return features(self, role, loaded, batch, needs)
+        return features(self, role, loaded, batch)
 
-    monkeypatch.setattr(Trainer, "features", counting)
+    monkeypatch.setattr(DistillStep, "features", counting)
     return counted
 
 

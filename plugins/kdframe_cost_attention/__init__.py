@@ -1,4 +1,4 @@
-"""Layer weightings (method.md section 4): ``cost-attention`` moves weight to layers that transfer
+"""Layer weightings (docs/method.md section 4): ``cost-attention`` moves weight to layers that transfer
 cheaply, gradient-free, after every solve; ``uniform`` keeps the weights as they are."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Literal
 import attrs
 import torch
 
-from kdframe.api import StageContext, StrategyRegistry, bounded, hookimpl
+from kdframe.api import StageContext, Registry, bounded, hookimpl
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -60,7 +60,7 @@ def cost_attention(flows: dict[str, torch.Tensor], costs: dict[str, torch.Tensor
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("weighting", "cost-attention", params=CostAttentionParams,
                  description="reweight layers by transported cost per unit of weight (BERT-EMD)")
     registry.add("weighting", "uniform", description="keep the layer weights as they are (uniform)")

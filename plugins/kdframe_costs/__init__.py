@@ -1,4 +1,4 @@
-"""Layer cost matrices and the loss terms built on them (method.md sections 1, 2, 5, 6).
+"""Layer cost matrices and the loss terms built on them (docs/method.md sections 1, 2, 5, 6).
 
 Cost kinds, each an (M, N) matrix of student layers 1..M against teacher layers 1..N that keeps
 its autograd graph: ``att`` (attention scores), ``hid`` (hidden states through W_h) and ``cls``
@@ -25,7 +25,7 @@ from kdframe.api import (
     NoParams,
     PluginError,
     StageContext,
-    StrategyRegistry,
+    Registry,
     hookimpl,
 )
 
@@ -136,7 +136,7 @@ def projection(ctx: StageContext) -> torch.nn.Module:
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("loss", "att", params=AttParams, needs=("attn",),
                  description="attention scores, sum over the flow of the att cost")
     registry.add("loss", "hid", params=HiddenParams, needs=("hidden",),
@@ -148,7 +148,7 @@ def kdframe_register_strategies(registry: StrategyRegistry) -> None:
 
 
 @hookimpl
-def kdframe_validate_recipe(recipe: Any, registry: StrategyRegistry) -> list[str]:
+def kdframe_validate_recipe(recipe: Any, registry: Registry) -> list[str]:
     problems = []
     for i, stage in enumerate(recipe.stages):
         mapped = sorted(term for term, loss in stage.losses.items() if term in TERM_KIND and loss.weight != 0)

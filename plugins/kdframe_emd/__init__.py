@@ -1,4 +1,4 @@
-"""Many-to-many layer mappings (method.md section 3): ``emd``, the exact balanced optimal
+"""Many-to-many layer mappings (docs/method.md section 3): ``emd``, the exact balanced optimal
 transport between student and teacher layers (BERT-EMD), and ``uniform``, F = w^S (w^T)^T."""
 
 from __future__ import annotations
@@ -6,33 +6,17 @@ from __future__ import annotations
 import ot
 import torch
 
-from kdframe.api import StageContext, StrategyRegistry, hookimpl
-
-
-def uniform_flow(w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """F = w^S (w^T)^T: every layer pair weighted, no optimisation."""
-    return torch.outer(w_s, w_t).detach()
+from kdframe.api import Registry, StageContext, hookimpl, outer_flow, solve_transport
 
 
 def emd_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """argmin_F sum F*D with row sums w^S and column sums w^T, solved exactly by POT.
-
-    Solved on the detached cost in float64 on the CPU (only the M x N matrix moves); the flow
-    comes back as a constant in the cost's dtype and device.
-    """
-    a = w_s.detach().to("cpu", torch.float64)
-    b = w_t.detach().to("cpu", torch.float64)
-    a, b = a / a.sum(), b / b.sum()  # float32 weights drift off the simplex; POT checks the sums
-    d = cost.detach().to("cpu", torch.float64)
-    if not torch.isfinite(d).all():
-        flow = uniform_flow(a, b)  # no plan exists; the loss is non-finite and the engine decides
-    else:
-        flow = torch.from_numpy(ot.emd(a.numpy(), b.numpy(), d.numpy()))
-    return flow.to(cost.device, cost.dtype)
+    """argmin_F sum F*D with row sums w^S and column sums w^T, solved exactly by POT's network
+    simplex (in float64 on the CPU, ``kdframe.api.solve_transport``)."""
+    return solve_transport(cost, (w_s, w_t), lambda d, a, b: torch.from_numpy(ot.emd(a.numpy(), b.numpy(), d.numpy())))
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("mapping", "emd", description="exact optimal transport between layers (BERT-EMD)")
     registry.add("mapping", "uniform", description="F = w_s w_t^T: all pairs, no optimisation (ablation)")
 
@@ -45,5 +29,5 @@ def kdframe_layer_mapping(
     if name == "emd":
         return emd_flow(cost, *weights)
     if name == "uniform":
-        return uniform_flow(*weights).to(cost.device, cost.dtype)
+        return outer_flow(*weights).to(cost.device, cost.dtype)
     return None

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kdframe.api import TokenizedSplit
+from kdframe.api import TokenizedSplit, atomic_write
 
 from kdframe_glue.reading import Examples, hub_name, read_hub, read_tsv, tsv_path
 from kdframe_glue.tasks import GlueTask
@@ -20,14 +18,14 @@ from kdframe_glue.tasks import GlueTask
 _FIELDS = ("input_ids", "token_type_ids", "labels")
 
 
-def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any,
-               cache_dir: str | None) -> TokenizedSplit:
+def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any, cache_dir: str) -> TokenizedSplit:
     """Load ``split`` of ``task`` as ``data`` (a recipe's DataSpec) describes, tokenised."""
     task.check_split(split)
     limit = data.train_limit if split == "train" else data.dev_limit
     read: Callable[[], Examples]
-    if data.glue_dir:
-        path = tsv_path(data.glue_dir, task, split)
+    glue_dir = data.params.glue_dir
+    if glue_dir:
+        path = tsv_path(glue_dir, task, split)
         stat = path.stat()
         source = str(path)
         origin = f"{path} size={stat.st_size} mtime_ns={stat.st_mtime_ns}"
@@ -43,16 +41,18 @@ def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any,
     if columns is None:
         columns = tokenize(read().head(limit), tokenizer, data.max_length)
         _write_cache(file, columns)
-    return TokenizedSplit(task.info, split, source=source, **columns)
+    return TokenizedSplit(task.info, split, columns["input_ids"], columns["labels"],
+                          {"token_type_ids": columns["token_type_ids"]}, source=source)
 
 
 def data_fingerprint(data: Any, task: GlueTask) -> str:
     """What the task's train and dev data hold: a digest of the TSV files, or the frozen hub dataset's name."""
-    if not data.glue_dir:
+    glue_dir = data.params.glue_dir
+    if not glue_dir:
         return " + ".join(hub_name(task, split) for split in ("train", "dev"))
     digest = hashlib.sha256()
     for split in ("train", "dev"):
-        digest.update(tsv_path(data.glue_dir, task, split).read_bytes())
+        digest.update(tsv_path(glue_dir, task, split).read_bytes())
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -76,9 +76,8 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_root(cache_dir: str | None) -> Path:
-    root = cache_dir or os.environ.get("KDFRAME_CACHE") or "~/.cache/kdframe"
-    return Path(root).expanduser() / "glue"
+def _cache_root(cache_dir: str) -> Path:
+    return Path(cache_dir) / "glue"
 
 
 def _read_cache(file: Path) -> dict[str, list] | None:
@@ -95,16 +94,8 @@ def _read_cache(file: Path) -> dict[str, list] | None:
 
 
 def _write_cache(file: Path, columns: dict[str, list]) -> None:
-    """Write atomically (temp file + rename): a crash or a parallel run never leaves half a file."""
+    """Write atomically: a crash or a parallel run never leaves half a file."""
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(columns, f, separators=(",", ":"))
-            os.replace(tmp, file)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(file, lambda f: f.write(json.dumps(columns, separators=(",", ":")).encode("utf-8")))
     except OSError as exc:  # a read-only cache costs speed, not correctness
         warnings.warn(f"kdframe_glue: cannot write the tokenisation cache {file}: {exc}", stacklevel=2)

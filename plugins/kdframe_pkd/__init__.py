@@ -1,4 +1,4 @@
-"""BERT-PKD's patient mapping (method.md section 6): student layers 1..M-1 learn from chosen
+"""BERT-PKD's patient mapping (docs/method.md section 6): student layers 1..M-1 learn from chosen
 teacher layers; the student's last layer is left to the prediction loss. Flow entries are
 1/(M-1), so sum(F * D) is the mean over the chosen pairs, as PKD's MSE over stacked layers."""
 
@@ -8,9 +8,8 @@ from typing import Literal
 
 import attrs
 import torch
-from kdframe_tinybert import check_layer_list, fixed_flow
 
-from kdframe.api import ModelError, StageContext, StrategyRegistry, hookimpl
+from kdframe.api import ModelError, Registry, StageContext, check_layer_list, fixed_flow, hookimpl
 
 
 @attrs.frozen
@@ -48,7 +47,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("mapping", "pkd", params=PkdParams, keeps_marginals=False,
                  description="BERT-PKD: student layers 1..M-1 against skip/last teacher layers, mean over pairs")
 

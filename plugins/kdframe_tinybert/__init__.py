@@ -1,8 +1,6 @@
-"""TinyBERT's one-to-one layer mapping (method.md section 3): student layer m learns from teacher
+"""TinyBERT's one-to-one layer mapping (docs/method.md section 3): student layer m learns from teacher
 layer g(m) = m*N/M, or from an explicit list. The flow is a fixed 0/1 matrix, so the layer loss
 is the plain sum over layers (TinyBERT's scale).
-
-``check_layer_list`` and ``fixed_flow`` are also used by kdframe_pkd.
 """
 
 from __future__ import annotations
@@ -10,7 +8,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from kdframe.api import ModelError, StageContext, StrategyRegistry, hookimpl
+from kdframe.api import ModelError, Registry, StageContext, check_layer_list, fixed_flow, hookimpl
 
 
 @attrs.frozen
@@ -18,15 +16,6 @@ class OneToOneParams:
     """``layers``: the teacher layer (1-indexed) for each student layer 1..M; empty: m*N/M."""
 
     layers: list[int] = attrs.Factory(list)
-
-
-def check_layer_list(layers: list[int], count: int, N: int) -> None:
-    """Raise ValueError unless ``layers`` holds ``count`` teacher layers within 1..N."""
-    if len(layers) != count:
-        raise ValueError(f"layers has {len(layers)} entries, {count} are needed: {layers}")
-    outside = [layer for layer in layers if not 1 <= layer <= N]
-    if outside:
-        raise ValueError(f"layers {outside} are outside the teacher's layers 1..{N}")
 
 
 def teacher_layers_for(M: int, N: int, layers: list[int]) -> list[int]:
@@ -42,15 +31,6 @@ def teacher_layers_for(M: int, N: int, layers: list[int]) -> list[int]:
     return [m * N // M for m in range(1, M + 1)]
 
 
-def fixed_flow(cost: torch.Tensor, teacher_layers: list[int], value: float) -> torch.Tensor:
-    """A constant flow with ``value`` at (student row i, teacher layer teacher_layers[i]) and zero
-    elsewhere; rows past the list stay zero."""
-    flow = torch.zeros_like(cost, requires_grad=False)
-    rows = torch.arange(len(teacher_layers), device=cost.device)
-    flow[rows, torch.tensor(teacher_layers, device=cost.device) - 1] = value
-    return flow
-
-
 def _layers(ctx: StageContext) -> list[int]:
     try:
         return teacher_layers_for(ctx.student_layers, ctx.teacher_layers, ctx.mapping.params.layers)
@@ -59,7 +39,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False,
                  description="TinyBERT: student layer m learns from teacher layer m*N/M")
 

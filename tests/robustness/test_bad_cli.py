@@ -6,19 +6,20 @@ import pytest
 import torch
 from robust_helpers import SMOKE, assert_bad_input, assert_no_run_left, kd
 
-from kdframe.recipe import load_recipe, to_plain
+from conftest import read_recipe
+from kdframe.recipe import to_plain
 from kdframe.rundir import RECIPE, recipe_toml
 
 
 def fake_run(folder, text=None):
     """A run directory as `kdframe run` starts it: the resolved recipe (smoke_tiny's by default)."""
     folder.mkdir(parents=True)
-    (folder / RECIPE).write_text(text if text is not None else recipe_toml(to_plain(load_recipe(SMOKE)[0])))
+    (folder / RECIPE).write_text(text if text is not None else recipe_toml(to_plain(read_recipe(SMOKE).recipe)))
     return folder
 
 
 def test_resume_on_a_run_of_another_recipe(tmp_path):
-    run = fake_run(tmp_path / "other", recipe_toml(to_plain(load_recipe(SMOKE, ["stages[0].lr=0.5"])[0])))
+    run = fake_run(tmp_path / "other", recipe_toml(to_plain(read_recipe(SMOKE, "stages[0].lr=0.5").recipe)))
     result = kd("run", SMOKE, "--resume", run, "--progress", "off")
     assert_bad_input(result, f"--resume {run}: the run was made with a different recipe", str(run / RECIPE))
     assert_no_run_left(run)

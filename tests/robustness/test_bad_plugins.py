@@ -20,9 +20,9 @@ def test_plugin_that_does_not_exist():
 
 
 def test_plugin_registering_a_taken_strategy_name():
-    assert_bad_input(kd("validate", SMOKE, "-p", "kdframe_test_taken"),
-                     "plugin 'kdframe_test_taken' registers mapping strategy 'emd',"
-                     " which plugin 'emd' already registered")
+    result = kd("validate", SMOKE, "-p", "kdframe_test_taken")
+    assert_bad_input(result, "mapping strategy 'emd' is registered by two plugins", "block it with -p no:NAME")
+    assert "'emd'" in result.err and "'kdframe_test_taken'" in result.err
 
 
 def test_plugin_with_a_misspelled_hook():

@@ -60,7 +60,7 @@ def test_wrong_type(assignment, where):
 
 @pytest.mark.parametrize("path, allowed", [
     ("bogus", "allowed: data, teacher, student, stages"),
-    ("data.bogus", "allowed: task, glue_dir"),
+    ("data.bogus", "allowed: task, source, max_length, train_limit, dev_limit, cache_dir, glue_dir"),
     ("teacher.bogus", "allowed: init, model, tokenizer"),
     ("teacher.train.bogus", "allowed: name, epochs"),
     ("student.bogus", "allowed: init, model, tokenizer"),

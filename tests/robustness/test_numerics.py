@@ -34,12 +34,10 @@ def test_cost_attention_with_all_zero_costs_stays_finite(weighting):
     costs = {"att": torch.zeros(M, N), "hid": torch.zeros(M, N)}
     weights = {kind: (torch.full((M,), 1 / M), torch.full((N,), 1 / N)) for kind in costs}
     for _ in range(5):
-        flows = {kind: host.first("kdframe_layer_mapping", "emd", kind=kind, cost=cost, weights=weights[kind], ctx=ctx)
-                 for kind, cost in costs.items()}
+        flows = {kind: host.layer_mapping(kind, cost, weights[kind], ctx) for kind, cost in costs.items()}
         for flow in flows.values():
             assert flow.shape == (M, N) and torch.isfinite(flow).all() and (flow >= 0).all()
-        weights = host.first("kdframe_update_layer_weights", "cost-attention", flows=flows, costs=costs,
-                             weights=weights, ctx=ctx)
+        weights = host.update_layer_weights(flows, costs, weights, ctx)
         for w_s, w_t in weights.values():
             for w in (w_s, w_t):
                 assert torch.isfinite(w).all() and (w > 0).all()
@@ -52,8 +50,7 @@ def test_cost_attention_with_zero_flow_and_zero_cost_stays_finite():
     ctx = context(host, {})
     costs = {"att": torch.zeros(M, N)}
     weights = {"att": (torch.full((M,), 1 / M), torch.full((N,), 1 / N))}
-    new = host.first("kdframe_update_layer_weights", "cost-attention", flows={"att": torch.zeros(M, N)},
-                     costs=costs, weights=weights, ctx=ctx)
+    new = host.update_layer_weights({"att": torch.zeros(M, N)}, costs, weights, ctx)
     assert all_finite(new) and torch.isclose(new["att"][1].sum(), torch.tensor(1.0))
 
 

@@ -15,7 +15,8 @@ import torch
 from robust_helpers import SMOKE, assert_bad_input, kd, smoke_raw, write_recipe
 
 from conftest import ROOT
-from kdframe.recipe import Recipe, load_recipe, to_plain
+from conftest import bundled_host, read_recipe
+from kdframe.recipe import Recipe, to_plain
 from kdframe.rundir import RECIPE, recipe_toml
 
 CANARY = "kdframe_robust_canary"  # tests/fixtures: importing it writes KDFRAME_ROBUST_CANARY
@@ -65,8 +66,9 @@ def string_fields(cls, prefix=""):
 
 def test_no_recipe_key_imports_a_module(canary, tmp_path):
     """Every string a recipe holds (and every strategy name) set to a module name: never imported."""
-    paths = sorted(set(string_fields(Recipe)))
-    assert {"name", "data.task", "data.glue_dir", "teacher.model", "teacher.tokenizer", "teacher.train.name",
+    sources = bundled_host().registry.data_sources()  # their keys sit in [data]
+    paths = sorted(set(string_fields(Recipe)) | {f"data.{path}" for s in sources for path in string_fields(s.params)})
+    assert {"name", "data.task", "data.source", "data.glue_dir", "teacher.model", "teacher.tokenizer", "teacher.train.name",
             "student.model", "student.tokenizer", "stages[0].name"} <= set(paths)
     assignments = [[f'{path}="{value}"'] + ([f'{path.split(".")[0]}.init="pretrained"'] if path.endswith(".model") else [])
                    for path in paths for value in (CANARY, f"package:{CANARY}")]
@@ -89,7 +91,7 @@ def test_checkpoint_holding_code_is_refused_not_run(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / RECIPE).write_text(recipe_toml(to_plain(load_recipe(SMOKE)[0])))
+    (run / RECIPE).write_text(recipe_toml(to_plain(read_recipe(SMOKE).recipe)))
     torch.save({"stage": "distil", "model": Payload()}, run / "checkpoint.pt")
     assert_bad_input(kd("run", SMOKE, "--resume", run, "--progress", "off"),
                      f"checkpoint {run / 'checkpoint.pt'} cannot be loaded")

@@ -19,7 +19,7 @@ import attrs
 import ot
 import torch
 
-from kdframe.api import StageContext, StrategyRegistry, bounded, hookimpl
+from kdframe.api import Registry, StageContext, bounded, hookimpl, solve_transport
 
 #: Largest D / reg for the plain solver: with exp(-200) ~ 1e-87 in its kernel, its scaling
 #: vectors stay far inside float64's range.
@@ -43,15 +43,14 @@ class SinkhornParams:
 def sinkhorn_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor, params: SinkhornParams) -> torch.Tensor:
     """The entropic transport plan (M x N) for cost D (M x N) and layer weights w_s (M), w_t (N).
 
-    Solved by POT on the detached cost in float64 on the CPU (only the M x N matrix moves); the
-    flow comes back as a constant in the cost's dtype and device.
+    Solved by POT in float64 on the CPU through ``kdframe.api.solve_transport``, which hands over
+    the detached cost and the weights renormalised onto the simplex, and returns the flow as a
+    constant in the cost's dtype and device.
     """
-    a = w_s.detach().to("cpu", torch.float64)
-    b = w_t.detach().to("cpu", torch.float64)
-    a, b = a / a.sum(), b / b.sum()  # float32 weights drift off the simplex; POT wants equal masses
-    d = cost.detach().to("cpu", torch.float64)
-    if not torch.isfinite(d).all():
-        return torch.outer(a, b).to(cost.device, cost.dtype)  # no plan; the loss is non-finite, the engine decides
+    return solve_transport(cost, (w_s, w_t), lambda d, a, b: _sinkhorn(d, a, b, params))
+
+
+def _sinkhorn(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params: SinkhornParams) -> torch.Tensor:
     scale = d.abs().max()
     if params.normalize_cost and scale > 0:
         d = d / scale
@@ -59,7 +58,7 @@ def sinkhorn_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor, para
     # large; the log-domain solver is exact there.
     method = "sinkhorn" if d.abs().max() <= _PLAIN_RANGE * params.reg else "sinkhorn_log"
     flow = ot.sinkhorn(a.numpy(), b.numpy(), d.numpy(), params.reg, method=method, numItermax=params.max_iter)
-    return round_to_marginals(torch.from_numpy(flow), a, b).to(cost.device, cost.dtype)
+    return round_to_marginals(torch.from_numpy(flow), a, b)
 
 
 def round_to_marginals(flow: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,7 +77,7 @@ def round_to_marginals(flow: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 
 
 @hookimpl
-def kdframe_register_strategies(registry: StrategyRegistry) -> None:
+def kdframe_register(registry: Registry) -> None:
     registry.add("mapping", "sinkhorn", params=SinkhornParams, keeps_marginals=True,
                  description="entropic optimal transport between layers (Sinkhorn): a dense, smooth EMD")
 

@@ -1,0 +1,70 @@
+"""A session: a recipe with its plugins, models and data loaded, and everything checked.
+
+``prepare`` is the one place where input is validated: every problem it finds is bad input
+(exit 2) and none of them can surface after training started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+
+from kdframe import checkpoint
+from kdframe.caches import cache_root
+from kdframe.errors import RecipeError
+from kdframe.plugins import PluginHost, load_plugins
+from kdframe.recipe import Recipe, ResolvedStage, load_recipe, to_plain
+from kdframe.rundir import recipe_toml
+from kdframe.types import LoadedModel, TaskInfo, TokenizedSplit
+
+
+@attrs.define
+class Session:
+    """A recipe with everything it needs loaded and checked."""
+
+    recipe: Recipe
+    recipe_path: Path
+    host: PluginHost
+    stages: list[ResolvedStage]
+    teacher_stage: ResolvedStage | None
+    task: TaskInfo
+    teacher: LoadedModel | None = None
+    student: LoadedModel | None = None
+    train: TokenizedSplit | None = None
+    dev: TokenizedSplit | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(stage.needs_teacher(self.host.registry) for stage in self.stages)
+
+    def resolved_toml(self) -> str:
+        return recipe_toml(to_plain(self.recipe))
+
+
+def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: list[str] = (),
+            load_data: bool = True, host: PluginHost | None = None) -> Session:
+    """Load plugins (unless ``host`` is given), the recipe, models and data; every problem is bad input."""
+    host = host or load_plugins(plugin_args)
+    loaded = load_recipe(recipe_path, list(overrides), host.registry)
+    recipe, problems = loaded.recipe, list(loaded.problems)
+    problems += host.validate_recipe(recipe)
+    if recipe.precision == "fp16" and not torch.cuda.is_available():
+        problems.append("precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        problems.append("device: 'cuda' asked for, but no CUDA device is available")
+    if problems:
+        raise RecipeError(problems, source=str(Path(recipe_path).resolve()))
+
+    task = host.registry.task(recipe.data.task).info
+    session = Session(recipe, Path(recipe_path).resolve(), host, loaded.stages, loaded.teacher_stage, task)
+    checkpoint.seed_everything(recipe.seed)  # random-init models must not depend on what ran before
+    base_dir = str(session.recipe_path.parent)
+    session.teacher = host.load_model("teacher", recipe.teacher, task, None, base_dir)
+    session.student = host.load_model("student", recipe.student, task, session.teacher, base_dir)
+    if load_data:
+        cache_dir = str(cache_root(recipe.data))
+        session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)
+        session.dev = host.load_data(recipe.data, task, "dev", session.student.tokenizer, cache_dir)
+    return session
