@@ -43,8 +43,10 @@ def environment() -> dict[str, Any]:
     }
     import hashlib
 
-    # which version of the code was measured (the engine and plugins change under the benchmarks)
-    for rel in ("kdframe/engine.py", "plugins/kdframe_costs/__init__.py", "plugins/kdframe_emd/__init__.py",
+    # which version of the code was measured (the step, the trainer and plugins change under the benchmarks);
+    # kdframe/optim.py holds the step's optimizer, kdframe/flows.py the transport solvers' common part
+    for rel in ("kdframe/step.py", "kdframe/trainer.py", "kdframe/optim.py", "kdframe/flows.py",
+                "plugins/kdframe_costs/__init__.py", "plugins/kdframe_emd/__init__.py",
                 "plugins/kdframe_cost_attention/__init__.py", "plugins/kdframe_hf/capture.py"):
         path = ROOT / rel
         if path.exists():

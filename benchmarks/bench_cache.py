@@ -1,9 +1,11 @@
 """Teacher feature cache and mixed precision: distillation step time with the cache warm, against
 the plain student step plus its own loss work, for EMD and one-to-one, in fp32 and bf16.
 
-Everything runs through the engine's own ``Trainer.train_step`` on real training batches
-(``kdframe.engine.prepare`` with ``load_data=True``, ``collate``), with three ways of getting the
-teacher's features, all inside train_step's autocast and no_grad:
+Everything runs through ``kdframe.step.train_step`` (each arm a ``bench_step.Arm``: the stage set up
+as ``Trainer.train_stage`` sets it up) on real training batches (``kdframe.session.prepare`` with
+``load_data=True``, ``kdframe.batches.collate``), with three ways of getting the teacher's
+features, all inside train_step's autocast and no_grad (its ``teacher_features`` argument, as the
+trainer passes the cache):
 
 - ``live``: no cache, the teacher forward as without ``[teacher_cache]``;
 - ``cached``: ``kdframe.teacher_cache.TeacherCache`` (memory, fp32 storage) after one pass over the
@@ -29,20 +31,20 @@ bf16 / fp16 storage on the loss terms (relative to a live forward, fp32 precisio
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
 import _common as C
+from bench_step import STRATEGIES as STEP_STRATEGIES
+from bench_step import Arm
 
 CONFIGS = {
     "tiny": {"recipe": "recipes/smoke_tiny.toml", "batch": 32, "pool": 64},
     "minilm": {"recipe": "recipes/emd_glue.toml", "batch": 32, "pool": 128},  # MiniLM-L6 -> layers [0, 2, 4]
 }
-LOSSES = "losses = { att = 0.005, hid = 0.005, emb = 0.005, pred = { weight = 1.0, temperature = 1.0 } }"
-STRATEGIES = {
-    "emd": f'mapping = {{ strategy = "emd" }}, weighting = {{ strategy = "cost-attention", normalize = "sum" }}, {LOSSES}',
-    "one-to-one": f'mapping = {{ strategy = "one-to-one" }}, {LOSSES}',
+STRATEGIES = {  # EMD with cost attention (normalize = "sum"), and one-to-one; the same layer losses
+    "emd": STEP_STRATEGIES["emd+ca"],
+    "one-to-one": STEP_STRATEGIES["one-to-one"],
 }
 PRECISIONS = ("fp32", "bf16")
 VARIANTS = ("live", "cached", "floor")
@@ -62,14 +64,15 @@ class Bench:
     def __init__(self, config: str, overrides: list[str]):
         import torch
 
-        from kdframe.engine import Trainer, prepare
+        from kdframe.session import prepare
+        from kdframe.trainer import Trainer
 
         spec = CONFIGS[config]
         self.pool = spec["pool"]
         torch.manual_seed(0)
         self.session = prepare(C.ROOT / spec["recipe"], [f"data.train_limit={self.pool}", "data.dev_limit=8", *overrides])
         self.session.teacher.model.eval()
-        self.trainer = Trainer(self.session, run_dir=None, progress=None)  # train_step reads neither
+        self.trainer = Trainer(self.session, run_dir=None, progress=None)  # a step reads neither
         self.precision = "fp32"
         self.batch_size = spec["batch"]
         train = self.session.train
@@ -89,85 +92,45 @@ class Bench:
             self.precision = precision
 
     def batch(self, indices):
-        from kdframe.engine import collate
+        from kdframe.batches import collate
 
         return collate(self.session.train, indices, self.trainer.device)
 
+    def arm(self, strategy: str, precision: str) -> Arm:
+        """One strategy at one precision (its optimizer prepared by that precision's accelerator)."""
+        self.activate(precision)
+        return Arm(self.session, self.trainer, f"{strategy} {precision}", self.batch_size, body=STRATEGIES[strategy])
 
-class Arm:
-    """One strategy at one precision, set up as Trainer.train_stage sets up a stage."""
-
-    def __init__(self, bench: Bench, strategy: str, precision: str):
-        import attrs
-        import torch
-
-        from kdframe.engine import adamw, schedule, stage_context
-        from kdframe.recipe import load_recipe, resolve_recipe
-
-        s, device = bench.session, bench.trainer.device
-        body = f'stages[0]={{ name = "bench", batch_size = {bench.batch_size}, lr = 2e-5, eval_every = 0, {STRATEGIES[strategy]} }}'
-        recipe, _ = load_recipe(s.recipe_path, [body])
-        stages, problems = resolve_recipe(recipe, s.host.registry)
-        if problems:
-            raise SystemExit(f"{strategy}: {problems}")
-        self.strategy, self.precision, self.resolved = strategy, precision, stages[0]
-        self.teacher = s.teacher
-        self.needs = self.resolved.needs(s.host.registry)
-        self.student = attrs.evolve(s.student, model=copy.deepcopy(s.student.model).to(device))
-        self.ctx = stage_context(None, 0, self.resolved, s.task, self.student, self.teacher, device)
-        self.teacher.model.to(device).eval()
-        torch.manual_seed(1)
-        extra = s.host.merged("kdframe_extra_parameters", ctx=self.ctx)
-        for module in extra.values():
-            module.to(device)
-        stage = self.resolved.stage
-        self.optimizer = adamw([self.student.model, *extra.values()], stage.weight_decay, stage.lr, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule("constant", 0.0, 10**6))
-        s.host.call("kdframe_stage_start", ctx=self.ctx)
-        self.modules = [self.student.model, *extra.values()]
-        self.weights: dict[str, Any] = {}
-        self.pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": 0, "skipped": 0, "last_eval": None}
-
-    def step(self, bench: Bench, indices, batch, source) -> dict[str, Any]:
-        """Trainer.train_step, then what train_stage does after it on a step without eval or log."""
-        bench.activate(self.precision)
-        live = source is None
-        record = bench.trainer.train_step(self.ctx, self.student, self.teacher, self.resolved,
-                                          self.needs, batch, self.weights, self.optimizer, self.scheduler,
-                                          self.modules, self.pos, indices, None if live else source)
-        self.pos["step"] += 1
-        self.ctx.step = self.pos["step"]
-        record.pop("_flows"), record.pop("_weights")
-        bench.session.host.call("kdframe_step_end", ctx=self.ctx, record=record)
-        return record
+    def step(self, arm: Arm, precision: str, indices, batch, source) -> None:
+        """One train_step of ``arm`` at ``precision``; ``source`` gives the teacher's features
+        (a TeacherCache or Ready) or is None (the live teacher forward)."""
+        self.activate(precision)
+        arm.run(batch, None if source is None else (lambda b: source.features(indices, b)))
 
 
 def make_cache(bench: Bench, needs, dtype: str = "fp32"):
     from kdframe.teacher_cache import TeacherCache
 
-    trainer, teacher = bench.trainer, bench.session.teacher
-    return TeacherCache(lambda b: trainer.features("teacher", teacher, b, needs), bench.session.train, needs, dtype=dtype)
+    host, teacher = bench.session.host, bench.session.teacher
+    return TeacherCache(lambda b: host.extract_features("teacher", teacher, b, needs), bench.session.train, needs,
+                        dtype=dtype)
 
 
 def storage_error(bench: Bench, arm: Arm) -> dict[str, Any]:
     """Relative error of each loss term computed on bf16 / fp16-stored features (fp32 precision)."""
     import torch
 
-    from kdframe.engine import uniform_weights
+    from kdframe.step import DistillStep
 
     bench.activate("fp32")
-    host, ctx, trainer = bench.session.host, arm.ctx, bench.trainer
+    plain = DistillStep(bench.session.host, arm.ctx)  # costs, flows, loss terms from given features
     arm.student.model.eval()
 
     def terms(teacher, batch):
         with torch.no_grad():
-            student = trainer.features("student", arm.student, batch, arm.needs)
-            costs = host.merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
-            flows = {k: host.first("kdframe_layer_mapping", "mapping", kind=k, cost=c,
-                                   weights=uniform_weights(*c.shape, c.device), ctx=ctx) for k, c in costs.items()}
-            out = host.merged("kdframe_loss_terms", student=student, teacher=teacher, costs=costs, flows=flows,
-                              batch=batch, ctx=ctx)
-        return {k: float(v) for k, v in out.items()}
+            student = arm.step.features("student", arm.student, batch)
+            out = plain.from_features(student, teacher, batch, {})
+        return {k: float(v) for k, v in out.terms.items()}
 
     result: dict[str, Any] = {}
     for dtype in ("fp32", "bf16", "fp16"):
@@ -178,7 +141,7 @@ def storage_error(bench: Bench, arm: Arm) -> dict[str, Any]:
             with torch.no_grad():
                 cache.features(indices, batch)
                 got = terms(cache.features(indices, batch), batch)
-                want = terms(trainer.features("teacher", arm.teacher, batch, arm.needs), batch)
+                want = terms(arm.step.features("teacher", arm.teacher, batch), batch)
             for k, v in want.items():
                 worst[k] = max(worst.get(k, 0.0), abs(got[k] - v) / max(abs(v), 1e-30))
         result[dtype] = {"max_rel_error": worst, "bytes_per_example": cache.stats()["bytes"] / cache.stats()["examples"]}
@@ -193,7 +156,7 @@ def run(config: str, overrides: list[str], rounds: int, budget_s: float) -> dict
     lengths = [bench.batch(ix)["input_ids"].shape[1] for ix in bench.batches]
     print(f"[bench_cache] {config}: pool {bench.pool}, batches {len(bench.batches)} x {bench.batch_size},"
           f" padded lengths {lengths}, load {C.loadavg()}", flush=True)
-    arms = {(s, p): Arm(bench, s, p) for p in PRECISIONS for s in STRATEGIES}
+    arms = {(s, p): bench.arm(s, p) for p in PRECISIONS for s in STRATEGIES}
     needs = next(iter(arms.values())).needs  # the same feature set for both strategies
     caches = {p: make_cache(bench, needs) for p in PRECISIONS}
     ready = {p: Ready() for p in PRECISIONS}
@@ -201,11 +164,11 @@ def run(config: str, overrides: list[str], rounds: int, budget_s: float) -> dict
     for p in PRECISIONS:
         bench.activate(p)
         arm = arms[("emd", p)]
-        arm.step(bench, bench.batches[0], bench.batch(bench.batches[0]), None)  # allocates AdamW state
+        bench.step(arm, p, bench.batches[0], bench.batch(bench.batches[0]), None)  # allocates AdamW state
         for indices in bench.batches:
             batch = bench.batch(indices)
             clock = C.Clock()
-            arm.step(bench, indices, batch, caches[p])  # cold: the teacher runs and entries are stored
+            bench.step(arm, p, indices, batch, caches[p])  # cold: the teacher runs and entries are stored
             wall, cpu = clock.lap()
             fill[p].append({"wall": wall, "cpu": cpu})
             with torch.no_grad(), bench.trainer.accelerator.autocast():
@@ -214,7 +177,7 @@ def run(config: str, overrides: list[str], rounds: int, budget_s: float) -> dict
     for (s, p), arm in arms.items():  # warm-up of every arm and variant
         for variant in VARIANTS:
             source = {"live": None, "cached": caches[p], "floor": ready[p]}[variant]
-            arm.step(bench, bench.batches[0], bench.batch(bench.batches[0]), source)
+            bench.step(arm, p, bench.batches[0], bench.batch(bench.batches[0]), source)
 
     cells = [(s, p, v) for p in PRECISIONS for s in STRATEGIES for v in VARIANTS]
     times: dict[tuple[str, str, str], list[dict[str, float]]] = {c: [] for c in cells}
@@ -231,7 +194,7 @@ def run(config: str, overrides: list[str], rounds: int, budget_s: float) -> dict
             source = {"live": None, "cached": caches[p], "floor": ready[p]}[v]
             bench.activate(p)
             clock = C.Clock()
-            arms[(s, p)].step(bench, indices, batch, source)
+            bench.step(arms[(s, p)], p, indices, batch, source)
             wall, cpu = clock.lap()
             times[(s, p, v)].append({"wall": wall, "cpu": cpu})
         for p in PRECISIONS:  # the cache's own work: assembling one batch

@@ -1,8 +1,8 @@
 """Cost of capturing pre-softmax attention scores: teacher forward with capture vs plain forwards.
 
 The teacher (MiniLM-L6 from recipes/emd_glue.toml; the smoke_tiny teacher with --quick) runs in
-eval mode under no_grad, as Trainer.train_step runs it, on synthetic batches of exactly L tokens
-(batch 32), through kdframe_hf.capture.extract_features -- the code the engine calls:
+eval mode under no_grad, as kdframe.step runs it, on synthetic batches of exactly L tokens
+(batch 32), through kdframe_hf.capture.extract_features -- the code a training step calls:
 
 - ``sdpa``: needs = {logits}: the model's own (sdpa) attention, what KD and fine-tuning run;
 - ``sdpa+hidden``: needs = {logits, hidden};

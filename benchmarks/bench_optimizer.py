@@ -1,10 +1,10 @@
 """The optimizer phase of a step: AdamW implementations on the student + W_h, with grad clipping.
 
-kdframe.engine clips with ``clip_grad_norm_`` every step and builds its AdamW fused (``adamw``);
-it was torch's default before these measurements, which on the CPU is the per-parameter loop
-(foreach is the default on CUDA only). This times one ``clip_grad_norm_ + step`` for the default,
-``foreach=True`` and ``fused=True`` on the same parameters and gradients, interleaved, and checks
-that they produce the same update. Student: the 3-layer MiniLM student of recipes/emd_glue.toml
+kdframe.optim.Optimization clips with ``clip_grad_norm_`` every step and builds its AdamW fused
+(``kdframe.optim.adamw``); it was torch's default before these measurements, which on the CPU is
+the per-parameter loop (foreach is the default on CUDA only). This times one ``clip_grad_norm_ +
+step`` for the default, ``foreach=True`` and ``fused=True`` on the same parameters and gradients,
+interleaved, and checks that they produce the same update. Student: the 3-layer MiniLM student of recipes/emd_glue.toml
 (the smoke_tiny student with --quick); its 30522 x 384 word embeddings are most of its parameters
 and get a dense gradient every step.
 """
@@ -25,7 +25,7 @@ def main() -> None:
     C.set_threads(args)
     import torch
 
-    from kdframe.engine import param_groups
+    from kdframe.optim import param_groups
 
     session, _ = load_session("tiny" if args.quick else "minilm")
     hidden = session.student.hidden_size

@@ -4,7 +4,7 @@ Features are random tensors shaped like MiniLM's (12 heads, hidden 384): attenti
 (B, 12, L, L) per layer and hidden states (B, L, 384) per layer plus the embedding output.
 For every size it times, on the same tensors:
 
-- ``batched``: kdframe_costs.att_cost + hid_cost, the functions the engine calls through
+- ``batched``: kdframe_costs.att_cost + hid_cost, the functions a training step calls through
   ``kdframe_layer_costs``. Issue 8's results measured their old form (layers stacked, one matmul
   through ||a||^2 + ||b||^2 - 2 a.b); they now do one ``F.mse_loss`` per pair of unstacked
   layers, like ``loop`` (docs/performance.md);
@@ -86,7 +86,7 @@ def costs_loop(student, teacher, proj):
 
 
 def transport_step(costs, weights):
-    """EMD flows for att and hid, then the cost-attention update (the engine's order)."""
+    """EMD flows for att and hid, then the cost-attention update (kdframe.step's order)."""
     from kdframe_cost_attention import CostAttentionParams, cost_attention
     from kdframe_emd import emd_flow
 
@@ -129,7 +129,7 @@ def measure(M: int, N: int, B: int, L: int, repeats: int, budget_s: float, loop:
     for name in variants:
         row[f"{name}_forward"] = {clock: C.quantiles(fwd[name][clock]) for clock in ("cpu", "wall")}
         row[f"{name}_forward_backward"] = {clock: C.quantiles(fb[name][clock]) for clock in ("cpu", "wall")}
-    costs = {k: v.detach().requires_grad_() for k, v in reference.items()}  # a graph like the engine's
+    costs = {k: v.detach().requires_grad_() for k, v in reference.items()}  # a graph like a training step's
     weights = {k: (torch.full((M,), 1 / M), torch.full((N,), 1 / N)) for k in costs}
     solve = C.time_calls(lambda: transport_step(costs, weights), 200 if repeats > 3 else 20, warmup=3, budget_s=budget_s / 4)
     row["transport_and_weights"] = {clock: C.quantiles(solve[clock]) for clock in ("cpu", "wall")}
@@ -180,16 +180,17 @@ def accuracy_real(config: str, length: int) -> dict[str, Any]:
     from bench_step import load_session, synthetic_batch
     from kdframe_costs import pairwise_mse
 
-    session, trainer = load_session(config)
+    session, _ = load_session(config)
+    host = session.host
     batch = synthetic_batch(session, 32, length, seed=0)
     needs = frozenset({"logits", "hidden", "attn"})
     out: dict[str, Any] = {"config": config, "L": length, "student": session.student.description}
     with torch.no_grad():
-        teacher = trainer.features("teacher", session.teacher, batch, needs)
+        teacher = host.extract_features("teacher", session.teacher, batch, needs)
         for mode in ("eval", "train"):
             session.student.model.train(mode == "train")
             torch.manual_seed(0)
-            student = trainer.features("student", session.student, batch, needs)
+            student = host.extract_features("student", session.student, batch, needs)
             for kind, s_layers, t_layers in (("att", student.attn, teacher.attn),
                                              ("hid", student.hidden[1:], teacher.hidden[1:])):
                 truth = torch.stack([torch.stack([((a.double() - b.double()) ** 2).mean() for b in t_layers])

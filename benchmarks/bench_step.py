@@ -2,24 +2,25 @@
 
 Every strategy runs on the same teacher, the same student weights (a copy per strategy, each with
 its own optimizer, W_h and layer weights, as a run would have) and the same synthetic batches,
-built through the engine's own pieces: ``kdframe.engine.prepare`` loads the recipe's models,
-``kdframe.recipe.load_recipe`` with a ``--set stages[0]={...}`` override and ``resolve_recipe``
-give each strategy's stage, and ``stage_context`` / ``param_groups`` / ``schedule`` /
-``kdframe_extra_parameters`` / ``kdframe_stage_start`` set it up as ``Trainer.train_stage`` does.
+set up through kdframe's own pieces: ``kdframe.session.prepare`` loads the recipe's models,
+``kdframe.recipe.load_recipe`` with a ``--set stages[0]={...}`` override gives each strategy's
+stage, and ``stage_context`` / ``DistillStep`` / ``Optimization`` / ``extra_parameters`` /
+``stage_start`` set it up as ``kdframe.trainer.Trainer.train_stage`` does.
 
-``timed_step`` below is a line-by-line copy of ``kdframe.engine.Trainer.train_step`` with clock
-reads between the hook calls (nothing else changed). Two checks keep it honest: (1) on the tiny
-models it is run against the engine's own ``Trainer.train_step`` from identical state and must
-give the same loss and the same updated weights; (2) the engine's ``train_step`` itself is timed
-in the same interleaved rounds for one-to-one and emd+cost-attention, so its total can be compared
-with the copy's.
+A step is ``kdframe.step.train_step`` itself (nothing is copied): every phase of a step runs inside
+``step.phase(name)``, and each arm's ``DistillStep`` is given a ``PhaseTimer.phase`` that reads the
+wall clock (``time.perf_counter``) and the process CPU clock (``time.process_time``) around the
+phase and still enters ``kdframe.step.marker(name)`` (so a profiler sees the same markers). The
+step total is measured around ``train_step``; ``outside phases`` is the total minus the phases
+(``model.train()``, entering autocast, building the ``StepRecord``).
 
-Phases: teacher_forward (no_grad, capture when the strategy needs attention), student_forward,
-costs (kdframe_layer_costs), transport (kdframe_layer_mapping for every cost kind), weight_update
-(kdframe_update_layer_weights), loss_terms (kdframe_loss_terms, the weighted sum, the loss values
-read to Python and the finiteness checks), backward (the student's backward *and* the backward
-through the cost matrices: autograd runs them as one pass), optimizer (grad clip, AdamW step,
-scheduler, zero_grad), record (building the step's record).
+Phases (``kdframe.step.PHASES``): teacher_forward (no_grad, capture when the strategy needs
+attention), student_forward, costs (``layer_costs``), transport (``layer_mapping`` for every cost
+kind, with the flow shape check), weight_update (``update_layer_weights``), loss_terms
+(``loss_terms`` and their weighted sum), checks (the loss values summed and read to Python, the
+finiteness checks of the terms and layer weights), backward (the student's backward *and* the
+backward through the cost matrices: autograd runs them as one pass), optimizer (grad clip, AdamW
+step, scheduler, zero_grad).
 
 Memory: peak resident set size (RSS), measured in a fresh subprocess per strategy (tracemalloc
 does not see torch's allocations). ``first_step_peak_mb`` is the peak RSS during the first step
@@ -31,6 +32,7 @@ VmHWM is read from /proc/self/status.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -39,9 +41,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import _common as C
+from kdframe.step import PHASES, marker
 
 # -- what is measured -------------------------------------------------------------------------
 
@@ -64,174 +67,114 @@ STRATEGIES = {  # the body of stages[0], as the *_glue recipes and their ablatio
     "pkd": ('mapping = { strategy = "pkd", choice = "skip" },'
             ' losses = { hard = 0.5, pred = { weight = 0.5, temperature = 5.0 }, pt = 100.0 }'),
 }
-ENGINE_CHECKED = ("one-to-one", "emd+ca")  # also timed through the engine's own train_step
-PHASES = ("teacher_forward", "student_forward", "costs", "transport", "weight_update", "loss_terms",
-          "backward", "optimizer", "record")
+OUTSIDE = "outside_phases"  # the step total minus its phases
+COLUMNS = (*PHASES, OUTSIDE, "total")
 
 
-def stage_override(strategy: str, batch: int) -> str:
-    return f'stages[0]={{ name = "bench", batch_size = {batch}, lr = 2e-5, eval_every = 0, {STRATEGIES[strategy]} }}'
+def stage_override(body: str, batch: int) -> str:
+    return f'stages[0]={{ name = "bench", batch_size = {batch}, lr = 2e-5, eval_every = 0, {body} }}'
 
 
-# -- setup through the engine's pieces ------------------------------------------------------------
+# -- setup through kdframe's pieces ---------------------------------------------------------------
 
 def load_session(config: str):
     import torch
 
-    from kdframe.engine import Trainer, prepare
+    from kdframe.session import prepare
+    from kdframe.trainer import Trainer
 
     torch.manual_seed(0)
     session = prepare(C.ROOT / CONFIGS[config]["recipe"], [], load_data=False)
-    trainer = Trainer(session, run_dir=None, progress=None)  # train_step reads neither
+    trainer = Trainer(session, run_dir=None, progress=None)  # a step reads neither
     return session, trainer
 
 
-class Arm:
-    """One strategy set up as Trainer.train_stage sets up a stage."""
+class PhaseTimer:
+    """The ``phase`` of a DistillStep: wall and CPU seconds per phase of the current step, inside
+    kdframe.step's own marker (a profiler sees the phases as without the timer)."""
 
-    def __init__(self, session, trainer, strategy: str, batch: int, student_state: Any = None):
+    def __init__(self) -> None:
+        self.times: dict[str, dict[str, float]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.times = {"wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0)}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        clock = C.Clock()
+        try:
+            with marker(name):
+                yield
+        finally:
+            wall, cpu = clock.lap()
+            self.times["wall"][name] += wall
+            self.times["cpu"][name] += cpu
+
+
+class Arm:
+    """One strategy set up as Trainer.train_stage sets up a stage (``body``: the stage's strategies,
+    ``STRATEGIES[strategy]`` by default). The step's autocast is the trainer's accelerator's at
+    each step (bench_cache swaps it to change precision)."""
+
+    def __init__(self, session, trainer, strategy: str, batch: int, body: str | None = None):
         import attrs
         import torch
 
-        from kdframe.engine import adamw, schedule, stage_context
-        from kdframe.recipe import load_recipe, resolve_recipe
+        from kdframe.optim import Optimization
+        from kdframe.recipe import load_recipe
+        from kdframe.step import DistillStep, stage_context
 
         host, registry = session.host, session.host.registry
-        recipe, _ = load_recipe(session.recipe_path, [stage_override(strategy, batch)])
-        stages, problems = resolve_recipe(recipe, registry)
-        if problems:
-            raise SystemExit(f"{strategy}: {problems}")
+        body = STRATEGIES[strategy] if body is None else body
+        loaded = load_recipe(session.recipe_path, [stage_override(body, batch)], registry)
+        if loaded.problems:
+            raise SystemExit(f"{strategy}: {loaded.problems}")
         self.name = strategy
-        self.resolved = resolved = stages[0]
-        stage = resolved.stage
+        self.session, self.trainer = session, trainer
+        self.resolved = resolved = loaded.stages[0]
         device = trainer.device
         self.teacher = session.teacher if resolved.needs_teacher(registry) else None
         self.needs = resolved.needs(registry) if self.teacher is not None else frozenset()
         model = copy.deepcopy(session.student.model)
-        if student_state is not None:
-            model.load_state_dict(student_state)
         self.student = attrs.evolve(session.student, model=model)
         self.ctx = stage_context(None, 0, resolved, session.task, self.student, self.teacher, device)
         model.to(device)
         if self.teacher is not None:
             self.teacher.model.to(device).eval()
+        self.timer = PhaseTimer()
+        self.step = DistillStep(host, self.ctx, self.student, self.teacher, self.needs, phase=self.timer.phase)
         torch.manual_seed(1)  # W_h's initialisation, the same for every arm
-        extra = host.merged("kdframe_extra_parameters", ctx=self.ctx)
+        extra = host.extra_parameters(self.ctx)
         for module in extra.values():
             module.to(device)
-        self.optimizer = trainer.accelerator.prepare_optimizer(
-            adamw([model, *extra.values()], stage.weight_decay, stage.lr, device))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(stage.schedule, stage.warmup_ratio, 10**6))
-        host.call("kdframe_stage_start", ctx=self.ctx)
-        self.modules = [model, *extra.values()]
+        self.optimization = Optimization([model, *extra.values()], resolved.stage, 10**6, trainer.accelerator, device)
+        host.stage_start(self.ctx)
+        trainer.processes.broadcast_parameters(self.optimization.modules)
         self.weights: dict[str, Any] = {}
-        self.pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": 0, "skipped": 0, "last_eval": None}
 
-    def after_step(self, session, record: dict[str, Any]) -> None:
-        """What Trainer.train_stage does around train_step on a step without eval/log/checkpoint."""
-        self.pos["step"] += 1
-        self.ctx.step = self.pos["step"]
-        record.pop("_flows"), record.pop("_weights")
-        session.host.call("kdframe_step_end", ctx=self.ctx, record=record)
+    def run(self, batch: dict[str, Any], teacher_features: Any = None) -> tuple[Any, dict[str, dict[str, float]]]:
+        """One kdframe.step.train_step, timed per phase, then what Trainer.train_stage does after it
+        on a step without eval, log or checkpoint. ``teacher_features(batch)`` replaces the teacher's
+        forward (the teacher cache). Returns the step's record and its times."""
+        from kdframe.errors import RunFailed
+        from kdframe.step import train_step
 
-    def engine_step(self, session, trainer, batch) -> dict[str, Any]:
-        record = trainer.train_step(self.ctx, self.student, self.teacher, self.resolved, self.needs, batch,
-                                    self.weights, self.optimizer, self.scheduler, self.modules, self.pos)
-        self.after_step(session, record)
-        return record
-
-
-def timed_step(trainer, arm: Arm, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """kdframe.engine.Trainer.train_step, copied line by line, with clock reads between its parts
-    (one process, no teacher cache: indices=None, cache=None, share=1.0).
-
-    Keep in step with the engine: the tiny-model check in ``check_faithful`` fails when it drifts.
-    """
-    import torch
-
-    from kdframe.engine import check_flow, uniform_weights
-    from kdframe.errors import PluginError, RunFailed
-
-    phases = {"wall": dict.fromkeys(PHASES, 0.0), "cpu": dict.fromkeys(PHASES, 0.0)}
-    clock, whole = C.Clock(), C.Clock()
-
-    def mark(name: str) -> None:
+        self.timer.reset()
+        clock = C.Clock()
+        record = train_step(self.step, self.optimization, self.trainer.processes, batch, self.weights,
+                            teacher_features=teacher_features, autocast=self.trainer.accelerator.autocast)
         wall, cpu = clock.lap()
-        phases["wall"][name] += wall
-        phases["cpu"][name] += cpu
-
-    self = trainer
-    ctx, student, teacher, resolved, needs = arm.ctx, arm.student, arm.teacher, arm.resolved, arm.needs
-    weights, optimizer, scheduler, modules, pos = arm.weights, arm.optimizer, arm.scheduler, arm.modules, arm.pos
-    indices, cache, share = None, None, 1.0
-    # ---- from here: Trainer.train_step -------------------------------------------------------
-    student.model.train()
-    with self.accelerator.autocast():
-        teacher_features = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_features = (cache.features(indices, batch) if cache is not None
-                                    else self.features("teacher", teacher, batch, needs))
-        mark("teacher_forward")
-        student_features = self.features("student", student, batch, needs)
-        mark("student_forward")
-        costs = self.host.merged("kdframe_layer_costs", student=student_features, teacher=teacher_features,
-                                 ctx=ctx) if teacher is not None else {}
-        shared = self.processes.shared_costs(costs, share)
-        mark("costs")
-        flows = {}
-        used = {}
-        for kind, cost in shared.items():
-            if kind not in weights:
-                weights[kind] = uniform_weights(cost.shape[0], cost.shape[1], cost.device)
-            used[kind] = weights[kind]
-            flows[kind] = self.host.first("kdframe_layer_mapping", f"mapping {ctx.mapping.name if ctx.mapping else '(none)'!r} for cost {kind!r}",
-                                          kind=kind, cost=cost, weights=used[kind], ctx=ctx)
-            check_flow(self.host, ctx, kind, flows[kind], cost)
-        mark("transport")
-        if ctx.weighting is not None and costs:
-            weights.update(self.host.first("kdframe_update_layer_weights", f"weighting {ctx.weighting.name!r}",
-                                           flows=flows, costs=shared, weights=used, ctx=ctx))
-        mark("weight_update")
-        terms = self.host.merged("kdframe_loss_terms", student=student_features, teacher=teacher_features,
-                                 costs=costs, flows=flows, batch=batch, ctx=ctx)
-    missing = sorted(set(resolved.losses) - set(terms))
-    if missing:
-        raise PluginError(f"no plugin computed the loss term(s) {', '.join(missing)}")
-    loss = sum(resolved.losses[name].weight * terms[name].float() for name in resolved.losses)
-    names = list(resolved.losses)
-    scalars = [t.detach().float().reshape(()) for t in (loss, *(terms[n] for n in names))]
-    values = self.processes.reduce_sum(torch.stack(scalars) * share).tolist()
-    bad = [f"loss term {name!r} = {value}" for name, value in zip(names, values[1:]) if not math.isfinite(value)]
-    bad += [f"layer weights of {kind!r}" for kind, (ws, wt) in weights.items()
-            if not (torch.isfinite(ws).all() and torch.isfinite(wt).all())]
-    step = pos["step"] + 1
-    mark("loss_terms")
-    if bad:
-        if ctx.stage.nonfinite == "stop":
-            raise RunFailed(f"stage {ctx.stage.name!r} step {step}: non-finite {', '.join(bad)}")
-        weights.update(used)
-        optimizer.zero_grad(set_to_none=True)
-        pos["skipped"] += 1
-        phases["wall"]["total"], phases["cpu"]["total"] = whole.lap()
-        return ({"loss": None, "skipped": True, "lr": scheduler.get_last_lr()[0], "_flows": flows,
-                 "_weights": used}, phases)
-    self.accelerator.backward(loss * share)
-    self.processes.sum_gradients(modules)
-    mark("backward")
-    if ctx.stage.grad_clip:
-        self.accelerator.clip_grad_norm_([p for m in modules for p in m.parameters()], ctx.stage.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    mark("optimizer")
-    record = {"loss": values[0], "lr": scheduler.get_last_lr()[0]}
-    record.update(zip(names, values[1:]))
-    record["_flows"], record["_weights"] = flows, used
-    # ---- end of the copy --------------------------------------------------------------------
-    mark("record")
-    phases["wall"]["total"], phases["cpu"]["total"] = whole.lap()
-    return record, phases
+        if record.nonfinite and self.resolved.stage.nonfinite == "stop":
+            raise RunFailed(f"{self.name}: non-finite {', '.join(record.nonfinite)}")
+        self.weights = record.next_weights
+        self.ctx.step += 1
+        self.session.host.step_end(self.ctx, record.log())
+        times = {clock_name: dict(phases) for clock_name, phases in self.timer.times.items()}
+        for clock_name, total in (("wall", wall), ("cpu", cpu)):
+            times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
+            times[clock_name]["total"] = total
+        return record, times
 
 
 # -- synthetic batches ----------------------------------------------------------------------------
@@ -260,37 +203,10 @@ def synthetic_batch(session, batch: int, length: int, seed: int, padded: bool = 
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
 
 
-# -- checks -----------------------------------------------------------------------------------------
-
-def check_faithful(session, trainer, batch_size: int, length: int) -> dict[str, Any]:
-    """timed_step vs Trainer.train_step from identical state: same loss, same updated weights."""
-    import torch
-
-    state = copy.deepcopy(session.student.model.state_dict())
-    batch = synthetic_batch(session, batch_size, length, seed=123)
-    out = {}
-    for strategy in STRATEGIES:
-        arms = [Arm(session, trainer, strategy, batch_size, state) for _ in range(2)]
-        records = []
-        for i, arm in enumerate(arms):
-            torch.manual_seed(7)  # dropout masks
-            for _ in range(2):
-                record = arm.engine_step(session, trainer, batch) if i == 0 else timed_step(trainer, arm, batch)[0]
-                if i == 1:
-                    arm.after_step(session, record)
-            records.append(record)
-        diff = max((a - b).abs().max().item() for a, b in zip(arms[0].student.model.parameters(),
-                                                               arms[1].student.model.parameters()))
-        same = math.isclose(records[0]["loss"], records[1]["loss"], rel_tol=1e-6, abs_tol=1e-9) and diff <= 1e-6
-        out[strategy] = {"engine_loss": records[0]["loss"], "copy_loss": records[1]["loss"],
-                         "max_param_diff": diff, "same": same}
-    return out
-
-
 # -- what crosses to the host ----------------------------------------------------------------------
 
 def trace_crossings(session, trainer, strategy: str, batch_size: int, length: int) -> dict[str, Any]:
-    """Run the engine's own train_step once under a dispatch mode that records every copy with an
+    """Run one kdframe.step.train_step under a dispatch mode that records every copy with an
     explicit device (``.to(device, ...)`` / ``.cpu()``: on a GPU these are the host<->device
     transfers) and every tensor-to-Python scalar read (``.item()``, ``bool(tensor)``: a device
     sync on a GPU), with the kdframe/plugin line that asked for it. On this CPU machine source
@@ -321,7 +237,7 @@ def trace_crossings(session, trainer, strategy: str, batch_size: int, length: in
 
     arm = Arm(session, trainer, strategy, batch_size)
     batch = synthetic_batch(session, batch_size, length, seed=0)
-    arm.engine_step(session, trainer, batch)  # the first step creates the layer weights
+    arm.run(batch)  # the first step creates the layer weights
     tolist = torch.Tensor.tolist
 
     def traced_tolist(tensor):  # not a dispatched op; on a GPU it copies the tensor to the host
@@ -331,7 +247,7 @@ def trace_crossings(session, trainer, strategy: str, batch_size: int, length: in
     torch.Tensor.tolist = traced_tolist
     try:
         with Crossings():
-            arm.engine_step(session, trainer, batch)
+            arm.run(batch)
     finally:
         torch.Tensor.tolist = tolist
     rows = [{"what": what, "shape": list(shape), "dtype": dtype, "where": where, "count": n}
@@ -361,7 +277,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def feature_megabytes(session, trainer, arm: Arm, batch) -> float:
+def feature_megabytes(arm: Arm, batch) -> float:
     """Bytes of the hidden states and attention scores both models hand to the strategies."""
     import torch
 
@@ -370,7 +286,7 @@ def feature_megabytes(session, trainer, arm: Arm, batch) -> float:
         for role, loaded in (("teacher", arm.teacher), ("student", arm.student)):
             if loaded is None:
                 continue
-            f = trainer.features(role, loaded, batch, arm.needs)
+            f = arm.step.features(role, loaded, batch)
             for group in (f.hidden or ()), (f.attn or ()):
                 total += sum(t.numel() * t.element_size() for t in group)
     return total / 2**20
@@ -383,28 +299,24 @@ def memory_child(spec: str) -> None:
     block of 64 KiB or more on its own and returns it on free: RSS then follows live memory, and
     what one strategy freed does not hide the next one's allocations.
     """
-    import torch
-
     job = json.loads(spec)
     session, trainer = load_session(job["config"])
     batch = synthetic_batch(session, job["batch"], job["length"], seed=0)
     out = {}
     for strategy in job["strategies"]:
         arm = Arm(session, trainer, strategy, job["batch"])
-        features_mb = feature_megabytes(session, trainer, arm, batch)
+        features_mb = feature_megabytes(arm, batch)
         gc.collect()
         resettable = _reset_peak()
         rss0 = _status_kb("VmRSS")
-        record, _ = timed_step(trainer, arm, batch)
-        arm.after_step(session, record)
+        record, _ = arm.run(batch)
         peak1 = _status_kb("VmHWM")
         del record
         gc.collect()
         _reset_peak()
         rss1 = _status_kb("VmRSS")
         for _ in range(job["steps"]):
-            record, _ = timed_step(trainer, arm, batch)
-            arm.after_step(session, record)
+            record, _ = arm.run(batch)
         peak2 = _status_kb("VmHWM")
         out[strategy] = {
             "first_step_peak_mb": round((peak1 - rss0) / 1024, 1), "step_peak_mb": round((peak2 - rss1) / 1024, 1),
@@ -432,73 +344,51 @@ def measure_memory(config: str, strategies: list[str], batch: int, length: int, 
 
 # -- the timing run --------------------------------------------------------------------------------
 
-def run_config(session, trainer, config: str, length: int, rounds: int, budget_s: float,
-               engine_check: bool = True) -> dict[str, Any]:
+def run_config(session, trainer, config: str, length: int, rounds: int, budget_s: float) -> dict[str, Any]:
     batch_size = CONFIGS[config]["batch"]
     arms = {name: Arm(session, trainer, name, batch_size) for name in STRATEGIES}
-    engine_arms = {name: Arm(session, trainer, name, batch_size) for name in (ENGINE_CHECKED if engine_check else ())}
     batches = [synthetic_batch(session, batch_size, length, seed=s) for s in range(4)]
-    variants = [("copy", name) for name in arms] + [("engine", name) for name in engine_arms]
-    times: dict[str, list[dict[str, dict[str, float]]]] = {f"{kind}:{name}": [] for kind, name in variants}
+    names = list(arms)
+    times: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in names}
     loads = []
 
-    def run_one(kind: str, name: str, batch) -> dict[str, dict[str, float]]:
-        if kind == "copy":
-            record, phases = timed_step(trainer, arms[name], batch)
-            arms[name].after_step(session, record)
-            return phases
-        clock = C.Clock()
-        engine_arms[name].engine_step(session, trainer, batch)
-        wall, cpu = clock.lap()
-        return {"wall": {"total": wall}, "cpu": {"total": cpu}}
-
-    for kind, name in variants:  # warm-up: first steps allocate optimizer state, fill caches
-        run_one(kind, name, batches[0])
+    for name in names:  # warm-up: first steps allocate optimizer state, fill caches
+        arms[name].run(batches[0])
     started = time.perf_counter()
     done = 0
     for r in range(rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        order = names[r % len(names):] + names[:r % len(names)]
         batch = batches[r % len(batches)]
         loads.append(C.loadavg())
-        for kind, name in order:
-            times[f"{kind}:{name}"].append(run_one(kind, name, batch))
+        for name in order:
+            times[name].append(arms[name].run(batch)[1])
         done = r + 1
         if done >= 3 and time.perf_counter() - started > budget_s:
             break
 
-    summary: dict[str, Any] = {"rounds": done, "loadavg_per_round": loads, "strategies": {}, "engine_check": {},
-                               "ratios": {}}
+    summary: dict[str, Any] = {"rounds": done, "loadavg_per_round": loads, "strategies": {}, "ratios": {}}
     for name in arms:
-        rows = times[f"copy:{name}"]
+        rows = times[name]
         summary["strategies"][name] = {
-            clock: {p: C.quantiles([row[clock][p] for row in rows]) for p in (*PHASES, "total")}
+            clock: {p: C.quantiles([row[clock][p] for row in rows]) for p in COLUMNS}
             for clock in ("cpu", "wall")}
         summary["strategies"][name]["layer_weights_after"] = {k: [w.tolist() for w in ws]
                                                               for k, ws in arms[name].weights.items()}
-    for name in engine_arms:
-        summary["engine_check"][name] = {}
-        for clock in ("cpu", "wall"):
-            engine = C.quantiles([row[clock]["total"] for row in times[f"engine:{name}"]])
-            copy_total = summary["strategies"][name][clock]["total"]
-            summary["engine_check"][name][clock] = {"engine_total": engine,
-                                                    "copy_over_engine": copy_total["median"] / engine["median"]}
 
     for clock in ("cpu", "wall"):
-        def total(name: str, r: int, source: str = "copy") -> float:
-            return times[f"{source}:{name}"][r][clock]["total"]
+        def total(name: str, r: int) -> float:
+            return times[name][r][clock]["total"]
 
         def teacher_plain(r: int) -> float:  # the kd arm's teacher forward: no capture, logits only
-            return times["copy:kd"][r][clock]["teacher_forward"]
+            return times["kd"][r][clock]["teacher_forward"]
 
         rr = range(done)
         summary["ratios"][clock] = {
             "emd_ca_over_one_to_one": C.quantiles([total("emd+ca", r) / total("one-to-one", r) for r in rr]),
-            "emd_ca_over_one_to_one_engine": C.quantiles(
-                [total("emd+ca", r, "engine") / total("one-to-one", r, "engine") for r in rr] if engine_arms else []),
             # the two steps differ only in the mapping and weighting phases (same costs, same losses):
             # one-to-one's step with its transport/weight-update time replaced by emd+ca's
             "emd_ca_over_one_to_one_by_phases": C.quantiles([
-                (total("one-to-one", r) + sum(times["copy:emd+ca"][r][clock][p] - times["copy:one-to-one"][r][clock][p]
+                (total("one-to-one", r) + sum(times["emd+ca"][r][clock][p] - times["one-to-one"][r][clock][p]
                                               for p in ("transport", "weight_update"))) / total("one-to-one", r)
                 for r in rr]),
             "emd_over_one_to_one": C.quantiles([total("emd", r) / total("one-to-one", r) for r in rr]),
@@ -507,45 +397,42 @@ def run_config(session, trainer, config: str, length: int, rounds: int, budget_s
                 name: C.quantiles([total(name, r) / (total("finetune", r) + teacher_plain(r)) for r in rr])
                 for name in ("kd", "one-to-one", "uniform", "emd", "emd+ca", "pkd")},
             "capture_teacher_over_plain_teacher": C.quantiles(
-                [times["copy:emd+ca"][r][clock]["teacher_forward"] / teacher_plain(r) for r in rr]),
+                [times["emd+ca"][r][clock]["teacher_forward"] / teacher_plain(r) for r in rr]),
         }
     return summary
 
 
 def markdown(results: dict[str, Any]) -> str:
-    out = [f"torch threads: {results['threads']}. Per-phase times are medians of process CPU time (ms);"
-           " 'wall' is the median wall time of the whole step. Ratios are medians of per-round ratios"
+    out = [f"torch threads: {results['threads']}. Per-phase times are medians of process CPU time (ms), timed"
+           " by the markers inside kdframe.step.train_step; 'wall' is the median wall time of the whole step;"
+           " 'outside phases' is the step total minus its phases. Ratios are medians of per-round ratios"
            " (the variants of one round run back to back).", ""]
     for key, res in results["runs"].items():
         out.append(f"### {key} (batch {res['batch']}, {res['rounds']} interleaved rounds,"
                    f" load {res['loadavg_per_round'][0]} .. {res['loadavg_per_round'][-1]})\n")
-        headers = ["strategy", "CPU total", "wall total", *[p.replace("_", " ") for p in PHASES],
+        parts = (*PHASES, OUTSIDE)
+        headers = ["strategy", "CPU total", "wall total", *[p.replace("_", " ") for p in parts],
                    "peak MB first / later step", "features MB"]
         rows = []
         for name, s in res["strategies"].items():
             mem = res.get("memory", {}).get(name, {})
             peak = f"{mem.get('first_step_peak_mb', '-')} / {mem.get('step_peak_mb', '-')}" if mem else "-"
             rows.append([name, C.ms(s["cpu"]["total"]["median"]), C.ms(s["wall"]["total"]["median"]),
-                         *[C.ms(s["cpu"][p]["median"]) for p in PHASES], peak, mem.get("features_mb", "-")])
+                         *[C.ms(s["cpu"][p]["median"]) for p in parts], peak, mem.get("features_mb", "-")])
         out.append(C.md_table(headers, rows))
         out.append("")
         for clock in ("cpu", "wall"):
             r = res["ratios"][clock]
             d = r["distill_over_student_plus_teacher"]
             e = r["emd_ca_over_one_to_one"]
-            engine = r["emd_ca_over_one_to_one_engine"]
-            engine_text = f" engine's own train_step {engine['median']:.3f};" if engine["n"] else ""
-            out.append(f"- {clock}: EMD+CA / one-to-one {e['median']:.3f} (IQR {e['q1']:.3f}-{e['q3']:.3f};{engine_text}"
+            out.append(f"- {clock}: EMD+CA / one-to-one {e['median']:.3f} (IQR {e['q1']:.3f}-{e['q3']:.3f};"
                        f" from the differing phases {r['emd_ca_over_one_to_one_by_phases']['median']:.4f}; target <= 1.05);"
                        " distillation step / (fine-tune step + plain teacher forward): "
                        + ", ".join(f"{k} {v['median']:.3f}" for k, v in d.items()) + " (target <= 1.5);"
                        f" teacher forward with capture / plain {r['capture_teacher_over_plain_teacher']['median']:.3f}")
-        if res["engine_check"]:
-            out.append("- timed copy / engine train_step, total CPU (medians): "
-                       + ", ".join(f"{k} {v['cpu']['copy_over_engine']:.3f}" for k, v in res["engine_check"].items()))
         out.append("")
     if "crossings" in results:
-        out.append("#### Host transfers and scalar reads in one engine train_step (tiny models)\n")
+        out.append("#### Host transfers and scalar reads in one kdframe.step.train_step (tiny models)\n")
         for name, c in results["crossings"].items():
             out.append(f"{name}: largest explicit-device copy {c['largest_copy_elements']} elements"
                        f" ({'FEATURES CROSS' if c['features_cross'] else 'no feature tensor crosses'}),"
@@ -554,10 +441,6 @@ def markdown(results: dict[str, Any]) -> str:
                                   [[e["what"], "x".join(map(str, e["shape"])) or "scalar", e["dtype"], e["count"],
                                     "`" + e["where"].replace("|", "/") + "`"] for e in c["events"]]))
             out.append("")
-    if "faithful" in results:
-        ok = all(v["same"] for v in results["faithful"].values())
-        out.append("Timed copy vs engine train_step from identical state (tiny models, 2 steps): "
-                   + ("identical loss and weights for every strategy" if ok else "MISMATCH: " + json.dumps(results["faithful"])))
     return "\n".join(out)
 
 
@@ -581,7 +464,6 @@ def main() -> None:
     for config in configs:
         session, trainer = load_session(config)
         if config == "tiny":
-            results["faithful"] = check_faithful(session, trainer, CONFIGS[config]["batch"], CONFIGS[config]["lengths"][0])
             results["crossings"] = {name: trace_crossings(session, trainer, name, CONFIGS[config]["batch"],
                                                           CONFIGS[config]["lengths"][0])
                                     for name in ("emd+ca", "one-to-one", "uniform", "pkd")}
@@ -589,8 +471,7 @@ def main() -> None:
         for length in lengths:
             key = f"{config} L={length}"
             print(f"[bench_step] {key}: load {C.loadavg()}", flush=True)
-            # the engine's own step is timed alongside where steps are cheap (tiny, MiniLM at 64)
-            res = run_config(session, trainer, config, length, rounds, budget, engine_check=length <= 64)
+            res = run_config(session, trainer, config, length, rounds, budget)
             res["batch"] = CONFIGS[config]["batch"]
             res["length"] = length
             if not args.no_memory:
@@ -599,8 +480,6 @@ def main() -> None:
             results["runs"][key] = res
             print(f"[bench_step] {key}: {res['rounds']} rounds done, load {C.loadavg()}", flush=True)
     C.write_results(args, "bench_step", results, markdown(results))
-    if "faithful" in results and not all(v["same"] for v in results["faithful"].values()):
-        raise SystemExit("the timed copy of train_step no longer matches the engine's; update timed_step")
 
 
 def argparse_hidden() -> str:

@@ -17,9 +17,10 @@ Agreement with ``ot.emd``: the largest absolute difference of a flow entry and t
 difference of the transport cost sum(F * D). The flow of an exact solver is unique for costs
 in general position, so exact solvers should agree to rounding.
 
-Last, the whole per-step path as the engine runs it for EMD + cost attention: the
-``kdframe_layer_mapping`` hook for att and hid, then ``kdframe_update_layer_weights``, through
-the plugin host (pluggy dispatch included), on cost tensors that carry an autograd graph.
+Last, the whole per-step path as a training step (``kdframe.step``) runs it for EMD + cost
+attention: the ``kdframe_layer_mapping`` hook for att and hid, then ``kdframe_update_layer_weights``,
+through the plugin host's typed methods (pluggy dispatch included), on cost tensors that carry an
+autograd graph.
 """
 
 from __future__ import annotations
@@ -112,36 +113,36 @@ def cold_times(fn: Callable[[], Any], repeats: int, budget_s: float) -> dict[str
 
 
 def hook_path(M: int, N: int, repeats: int, budget_s: float) -> dict[str, Any]:
-    """mapping hook (att, hid) + weighting hook, as Trainer.train_step calls them for emd_glue."""
+    """The mapping hook (att, hid) + the weighting hook for emd_glue, through the step's own
+    ``DistillStep.map_layers``, with the stage context ``stage_context`` builds for an M-layer
+    student and an N-layer teacher (hidden 384, 12 heads)."""
     import torch
 
     from kdframe.plugins import load_plugins
-    from kdframe.recipe import load_recipe, resolve_recipe
-    from kdframe.types import StageContext
+    from kdframe.recipe import load_recipe
+    from kdframe.step import DistillStep, stage_context
+    from kdframe.types import LoadedModel
 
     host = load_plugins()
-    recipe, _ = load_recipe(C.ROOT / "recipes" / "emd_glue.toml")
-    stages, problems_found = resolve_recipe(recipe, host.registry)
-    assert not problems_found, problems_found
-    resolved = stages[0]
-    task = host.pm.hook.kdframe_task_info(name="mrpc")
-    ctx = StageContext(run_dir=None, stage_index=0, stage=resolved.stage, task=task, student_layers=M, teacher_layers=N,
-                       student_hidden_size=384, teacher_hidden_size=384, student_heads=12, teacher_heads=12,
-                       mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses,
-                       device=torch.device("cpu"))
+    loaded = load_recipe(C.ROOT / "recipes" / "emd_glue.toml", [], host.registry)
+    assert not loaded.problems, loaded.problems
+    resolved = loaded.stages[0]
+    task = host.registry.task(loaded.recipe.data.task).info
+    cpu = torch.device("cpu")
+
+    def shape(layers: int) -> LoadedModel:  # what stage_context reads of a model
+        return LoadedModel(model=None, tokenizer=None, description=f"{layers} layers", num_layers=layers,
+                           hidden_size=384, num_heads=12, vocab_size=0)
+
+    ctx = stage_context(None, 0, resolved, task, shape(M), shape(N), cpu)
     g = torch.Generator().manual_seed(0)
     leaves = {k: torch.rand(M, N, generator=g, requires_grad=True) for k in ("att", "hid")}
-    costs = {k: v * 1.0 for k, v in leaves.items()}  # non-leaf, with a graph, like the engine's
+    costs = {k: v * 1.0 for k, v in leaves.items()}  # non-leaf, with a graph, like a step's
+    mapper = DistillStep(host, ctx)
     state: dict[str, Any] = {"weights": {}}
 
     def step():
-        weights = state["weights"]
-        flows, used = {}, {}
-        for kind, cost in costs.items():
-            used[kind] = weights.setdefault(kind, (torch.full((M,), 1 / M), torch.full((N,), 1 / N)))
-            flows[kind] = host.first("kdframe_layer_mapping", "mapping", kind=kind, cost=cost, weights=used[kind], ctx=ctx)
-        weights.update(host.first("kdframe_update_layer_weights", "weighting", flows=flows, costs=costs,
-                                  weights=used, ctx=ctx))
+        state["weights"] = mapper.map_layers(costs, state["weights"])[2]
 
     times = C.time_calls(step, repeats, warmup=5, budget_s=budget_s)
     out = {clock: C.quantiles(times[clock]) for clock in ("cpu", "wall")}
@@ -327,6 +328,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 row[f"sinkhorn_iterations reg={rel}*mean"] = [
                     int(ot.sinkhorn(p["a"], p["b"], p["D"], reg=rel * p["D"].mean(), log=True)[1]["niter"]) for p in probs]
+        # the key keeps its name from before kdframe.engine was split up: results stay comparable
         row["engine_step_path"] = hook_path(M, N, 50 if args.quick else 500, budget)
         if (M, N) in ((3, 6), (6, 12)):
             row["breakdown"] = breakdown(M, N, 30 if args.quick else 400, budget)
@@ -339,11 +341,11 @@ def markdown(results: dict[str, Any]) -> str:
     names = list(results["sizes"][0]["solvers"])
     out = [f"Median process CPU time per solve in microseconds (torch threads {results['threads']});"
            " agreement with ot.emd over 4 problems per size: largest |F - F_emd| and relative difference"
-           " of sum(F * D). 'engine step path' = kdframe_layer_mapping for att and hid + kdframe_update_layer_weights"
+           " of sum(F * D). 'step path' = kdframe_layer_mapping for att and hid + kdframe_update_layer_weights"
            " through the plugin host (EMD + cost attention), per training step; 'cold' = each call after"
            " streaming 64 MB through the caches, as in a training step."
            + ("" if results["pyemd"] else " pyemd was not installed: its columns are missing."), ""]
-    headers = ["M x N", *[f"{n} us" for n in names], "engine step path us (warm / cold cache)", "load"]
+    headers = ["M x N", *[f"{n} us" for n in names], "step path us (warm / cold cache)", "load"]
     rows = [[f"{r['M']}x{r['N']}", *[C.us(r["solvers"][n]["time"]["cpu"]["median"]) for n in names],
              f"{C.us(r['engine_step_path']['cpu']['median'])} / {C.us(r['engine_step_path']['cold']['cpu']['median'])}",
              r["loadavg"][0]] for r in results["sizes"]]
