@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
 import time
 import traceback
@@ -63,6 +64,7 @@ from typing import Any, Callable
 
 from kdframe.errors import Interrupted, KdframeError, RunFailed
 from kdframe.grid import STATE, Cell, cell_label, grid_cells, load_grid, parse_shard, state_file_name
+from kdframe.invocation import kdframe_command
 from kdframe.plugins import PluginHost
 from kdframe.rundir import CHECKPOINT, PROGRESS, SUMMARY, RunDir
 
@@ -331,8 +333,9 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
     finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
     if not finished:
-        raise Interrupted(f"ablation interrupted; continue with: kdframe ablate {grid_path} --out {root} --resume"
-                          + (f" --shard {shard}" if shard else ""))
+        again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
+                 *(["--shard", shard] if shard else [])]
+        raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}")
     for written in write_report(root):
         ablation.say(f"wrote {written}")
     failed = [cell_label(c) for c in state.cells if c["status"] == "failed"]

@@ -39,6 +39,7 @@ class StageProgress:
     best_step: int = 0
     skipped: int = 0  # non-finite steps skipped (nonfinite = "skip")
     last_eval: dict[str, float] | None = None
+    elapsed_s: float = 0.0  # training time of the stage up to this checkpoint, over every session of the run
 
 
 @attrs.frozen
@@ -62,10 +63,11 @@ class Checkpoint:
     model: dict[str, torch.Tensor]  # the student's weights (the teacher's during its fine-tuning)
     summaries: dict[str, Any]  # summaries of the stages finished so far
     stage: StageState | None = None
+    elapsed_s: float = 0.0  # the run's time up to this checkpoint, over every session
 
     def to_file(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": FORMAT, "stage": None, "stage_index": self.stage_index,
-                               "model": self.model, "summaries": self.summaries}
+                               "model": self.model, "summaries": self.summaries, "elapsed_s": self.elapsed_s}
         if self.stage is not None:
             s = self.stage
             out.update(stage=s.key, extra=s.extra, optimizer=s.optimizer, scheduler=s.scheduler, weights=s.weights,
@@ -84,7 +86,7 @@ class Checkpoint:
             if raw["stage"] is not None:
                 stage = StageState(raw["stage"], raw["stage_index"], raw["extra"], raw["optimizer"], raw["scheduler"],
                                    raw["weights"], StageProgress(**raw["position"]), raw["plugins"], raw["rng"])
-            return cls(raw["stage_index"], raw["model"], dict(raw["summaries"]), stage)
+            return cls(raw["stage_index"], raw["model"], dict(raw["summaries"]), stage, raw.get("elapsed_s", 0.0))
         except (KeyError, TypeError) as exc:
             raise KdframeError(f"checkpoint {path} is not a kdframe run checkpoint ({type(exc).__name__}: {exc})") from None
 

@@ -39,6 +39,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``, or None when it is missing or unreadable (torn by a kill)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """The records of a JSONL file; a line torn by a kill is skipped, a missing file is empty."""
     if not path.exists():

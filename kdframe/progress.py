@@ -1,5 +1,9 @@
 """Progress display for long stages: a rich bar, plain lines, or nothing; and a status file.
 
+``auto`` draws the bar on a terminal and prints plain lines otherwise (a log file, a job
+scheduler, ``nohup``): every ``log_every`` steps and at least once a minute, with the rate and
+the time left.
+
 The status file (``progress.json`` in the run directory) holds the current stage's label, step,
 total and rate, rewritten atomically at most every few seconds: ``kdframe ablate --jobs`` reads it
 to show the progress of cells running quietly in worker processes, and anyone can watch it.
@@ -16,12 +20,13 @@ from typing import Any
 from kdframe.fileio import atomic_write_text
 
 STATUS_EVERY_S = 2.0
+PLAIN_EVERY_S = 60.0  # plain lines: at least this often, whatever log_every says
 
 
 class Progress:
     def __init__(self, mode: str):
         if mode == "auto":
-            mode = "rich" if sys.stderr.isatty() else "off"
+            mode = "rich" if sys.stderr.isatty() else "plain"
         self.mode = mode
         self._bar: Any = None
         self._task: Any = None
@@ -29,6 +34,7 @@ class Progress:
         self._total = 0
         self.status_file: Path | None = None
         self._status_at = 0.0
+        self._printed_at = 0.0
 
     def start(self, label: str, total: int, done: int) -> None:
         self._started = time.monotonic()
@@ -43,6 +49,7 @@ class Progress:
             self._task = self._bar.add_task(label, total=total, completed=done, info="")
         elif self.mode == "plain":
             print(f"[{label}] {done}/{total} steps", file=sys.stderr, flush=True)
+            self._printed_at = self._started
         self._label = label
         self._write_status(done, "", force=True)
 
@@ -50,9 +57,14 @@ class Progress:
         self._write_status(step, info, force=step == self._total)
         if self.mode == "rich":
             self._bar.update(self._task, completed=step, info=info)
-        elif self.mode == "plain" and (step % every == 0 or step == self._total):
-            print(f"[{self._label}] step {step}/{self._total} {info} {self._rate(step):.2f} steps/s",
-                  file=sys.stderr, flush=True)
+        elif self.mode == "plain":
+            now = time.monotonic()
+            if step % every == 0 or step == self._total or now - self._printed_at >= PLAIN_EVERY_S:
+                rate = self._rate(step)
+                left = f", ~{_duration((self._total - step) / rate)} left" if rate > 0 and step < self._total else ""
+                print(f"[{self._label}] step {step}/{self._total} {info} ({rate:.2f} steps/s{left})",
+                      file=sys.stderr, flush=True)
+                self._printed_at = now
 
     def _rate(self, step: int) -> float:
         elapsed = time.monotonic() - self._started
@@ -77,3 +89,11 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

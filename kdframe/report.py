@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,13 @@ from matplotlib.figure import Figure
 from scipy.stats import t as student_t
 
 from kdframe.errors import KdframeError
-from kdframe.fileio import iter_jsonl
+from kdframe.fileio import iter_jsonl, read_json
 from kdframe.grid import cell_label, state_files
 from kdframe.rundir import LAYER_WEIGHTS, METRICS, SUMMARY, TEACHER, RunDir
 
 SELECTION_NOTE = ("*best* is the best dev score seen during training (what best-dev checkpoint selection keeps);"
                   " choosing on the same dev set it is scored on inflates it, so *final* (after the last step)"
                   " is shown too.")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @attrs.define
@@ -51,7 +43,7 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> "Run":
-        return cls(path, _read_json(path / SUMMARY), list(iter_jsonl(path / METRICS)),
+        return cls(path, read_json(path / SUMMARY), list(iter_jsonl(path / METRICS)),
                    [r for r in iter_jsonl(path / LAYER_WEIGHTS) if r.get("flow")])
 
     def student(self, part: str) -> dict[str, float]:
@@ -341,7 +333,7 @@ def _overview(tasks: list[str], entries: list[tuple[dict[str, Any], Run]]) -> li
 
 
 def _ablation_report(root: Path, files: list[Path]) -> list[Path]:
-    states = [s for s in (_read_json(f) for f in files) if isinstance(s, dict)]
+    states = [s for s in (read_json(f) for f in files) if isinstance(s, dict)]
     cells = [cell for state in states for cell in state.get("cells", [])]
     entries = [(cell, Run.load(root / cell["dir"])) for cell in cells]
     written = [_write_csv(root, [_csv_row(cell, run) for cell, run in entries])]

@@ -24,12 +24,13 @@ from kdframe.checkpoint import Checkpoint, StageProgress, StageState
 from kdframe.errors import Interrupted, RunFailed
 from kdframe.batches import collate, epoch_order
 from kdframe.evaluation import evaluate
-from kdframe.fileio import iter_jsonl
+from kdframe.fileio import iter_jsonl, read_json
+from kdframe.invocation import kdframe_command
 from kdframe.optim import Optimization
 from kdframe.parallel import Processes
 from kdframe.progress import Progress
 from kdframe.recipe import ResolvedStage
-from kdframe.rundir import LAYER_WEIGHTS, METRICS, TEACHER, RunDir
+from kdframe.rundir import LAYER_WEIGHTS, METRICS, TEACHER, TEACHER_SOURCE, RunDir
 from kdframe.session import Session
 from kdframe.step import DistillStep, StepRecord, stage_context, train_step
 from kdframe.teacher_cache import open_teacher_cache
@@ -101,11 +102,15 @@ class Trainer:
                         self.accelerator.autocast)
 
     # -- the run --------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """The run's time so far: up to its last checkpoint in earlier sessions, plus this one."""
+        return self.elapsed_before + time.monotonic() - self.started
+
     def run(self, resume: bool) -> dict[str, Any]:
         s = self.session
-        started = time.monotonic()
         checkpoint.seed_everything(s.recipe.seed)
         state = checkpoint.load_checkpoint(self.run_dir.checkpoint) if resume and self.run_dir.checkpoint.exists() else None
+        self.started, self.elapsed_before = time.monotonic(), state.elapsed_s if state is not None else 0.0
         previous = signal.signal(signal.SIGINT, self.stop)
         try:
             self.host.run_start(self)
@@ -132,7 +137,7 @@ class Trainer:
                 "selected": last["selected"],
             }
             summary["main_metric"] = s.task.main_metric
-            summary["wall_time_s"] = round(time.monotonic() - started, 2)
+            summary["wall_time_s"] = round(self.elapsed(), 2)
             self.save(s.student.model.state_dict(), self.run_dir.path / "student.pt")
             self.run_dir.write_json("summary.json", summary)
             self.host.run_end(self, summary)
@@ -159,9 +164,10 @@ class Trainer:
         # The main process looks at the files: another process must not see one it has just written.
         found = self.processes.from_main("run" if self.run_dir.teacher.exists()
                                          else "cache" if cached is not None and cached.exists() else None)
-        if found == "run":
+        if found == "run":  # a resumed run: the teacher it had, and where that came from
             teacher.model.load_state_dict(checkpoint.load(self.run_dir.teacher))
-            source = "this run"
+            recorded = read_json(self.run_dir.path / TEACHER_SOURCE)
+            source = recorded.get("source", "this run") if isinstance(recorded, dict) else "this run"
         elif found == "cache":
             teacher.model.load_state_dict(checkpoint.load(cached))
             source = f"cache {cached}"
@@ -176,6 +182,7 @@ class Trainer:
             source = "as loaded"
         if found != "run":
             self.save(teacher.model.state_dict(), self.run_dir.teacher)
+            self.run_dir.write_json(TEACHER_SOURCE, {"source": source})
         teacher.model.to(self.device).eval()
         metrics = self.evaluate(teacher, (s.teacher_stage or s.stages[0]).stage.eval_batch_size)
         if not any(r.get("kind") == "teacher" for r in iter_jsonl(self.run_dir.path / METRICS)):
@@ -229,10 +236,11 @@ class Trainer:
 
         def save_checkpoint() -> None:
             optimizer_state, scheduler_state = optimization.state()
+            progress.elapsed_s = elapsed_before + time.monotonic() - started
             self.save(Checkpoint(index, model.state_dict(), self.stage_summaries, StageState(
                 key, index, {name: module.state_dict() for name, module in extra.items()}, optimizer_state,
                 scheduler_state, {k: [w[0].cpu(), w[1].cpu()] for k, w in weights.items()},
-                progress, self.host.state_dict(ctx), checkpoint.rng_state())).to_file(),
+                progress, self.host.state_dict(ctx), checkpoint.rng_state()), self.elapsed()).to_file(),
                 self.run_dir.checkpoint)
 
         def run_eval() -> None:
@@ -247,8 +255,7 @@ class Trainer:
 
         label = f"{key} ({student.description.split(':')[0]})" if index < 0 else key
         self.progress.start(label, total, progress.step)
-        started = time.monotonic()
-        first_step = progress.step
+        started, elapsed_before = time.monotonic(), progress.elapsed_s  # a resumed stage counts its earlier time
         while progress.step < total:
             order = epoch_order(len(s.train), s.recipe.seed, index, progress.epoch)
             for b in range(progress.batch, steps_per_epoch):
@@ -304,7 +311,7 @@ class Trainer:
                 if end_of_epoch:
                     break
         self.progress.stop()
-        wall = time.monotonic() - started
+        wall = elapsed_before + time.monotonic() - started
         final = progress.last_eval or self.evaluate(student, stage.eval_batch_size)
         selected = "last"
         self.accelerator.wait_for_everyone()  # the main process has written best-*.pt
@@ -312,23 +319,23 @@ class Trainer:
             model.load_state_dict(checkpoint.load(self.run_dir.best(key)))
             selected = f"best (step {progress.best_step})"
         self.host.stage_end(ctx)
-        steps = progress.step - first_step
         stage_summary = {"steps": progress.step, "wall_time_s": round(wall, 2),
-                         "steps_per_s": round(steps / wall, 3) if wall else None, "best": progress.best,
+                         "steps_per_s": round(progress.step / wall, 3) if wall else None, "best": progress.best,
                          "best_step": progress.best_step, "final": final, "selected": selected,
                          "skipped_steps": progress.skipped,
                          **({"teacher_cache": cache.stats()} if cache is not None else {})}
         if index >= 0:
             # The next stage starts from this model with fresh optimizer state.
             self.stage_summaries[key] = stage_summary
-            self.save(Checkpoint(index + 1, model.state_dict(), self.stage_summaries).to_file(), self.run_dir.checkpoint)
-        self.progress.message(f"[{key}] done: {format_metrics(final)} ({selected}); {steps} steps in {wall:.1f}s")
+            self.save(Checkpoint(index + 1, model.state_dict(), self.stage_summaries, elapsed_s=self.elapsed()).to_file(),
+                      self.run_dir.checkpoint)
+        self.progress.message(f"[{key}] done: {format_metrics(final)} ({selected}); {progress.step} steps in {wall:.1f}s")
         return stage_summary
 
     def resume_command(self) -> list[str]:
         """The command that continues this run: the same --set and -p options, or the resolved
         recipe differs and resume refuses it."""
-        again = ["kdframe", "run", str(self.session.recipe_path), "--resume", str(self.run_dir.path)]
+        again = [*kdframe_command(), "run", str(self.session.recipe_path), "--resume", str(self.run_dir.path)]
         again += [arg for value in self.options.get("overrides") or [] for arg in ("--set", value)]
         again += [arg for value in self.options.get("plugins") or [] for arg in ("-p", value)]
         return again

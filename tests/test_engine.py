@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,41 @@ def test_fused_adamw_steps_like_the_for_loop_and_resumes_its_state():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+def test_progress_in_a_log_file_is_plain_lines(tmp_path):
+    """Default progress with stderr going to a pipe (a log file, a scheduler): the run directory,
+    then a line per log_every steps with the rate, from the first steps on."""
+    result = run_cli("run", SMOKE, "--out", str(tmp_path / "run"), "--set", "stages[0].epochs=1",
+                     env={"KDFRAME_CACHE": str(tmp_path / "cache")})  # the teacher is fine-tuned, not cached
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"run directory: {(tmp_path / 'run').resolve()}"
+    assert re.search(r"^\[teacher \(random init from config\)\] step 8/8 loss [\d.]+ .*\([\d.]+ steps/s\)$",
+                     result.stderr, re.M), result.stderr
+    assert re.search(r"^\[distil\] step 2/4 loss [\d.]+ dev f1 [\d.]+ \([\d.]+ steps/s, ~\d+ s left\)$",
+                     result.stderr, re.M), result.stderr
+    assert "[distil] step 4/4" in result.stderr and not any("\x1b" in line for line in lines)  # no terminal codes
+
+
+def test_resumed_run_records_what_an_unbroken_one_does(tmp_path):
+    """Killed after step 5 of 8 (0.4 s a step, kdframe_robust_slow): the resumed run says where its
+    teacher came from, as the first session did, and times the whole stage and run, not the
+    resumed part (the checkpoint at step 4 holds 4 steps' time)."""
+    out = tmp_path / "run"
+    env = {"KDFRAME_TEST_KILL": "step:5", "KDFRAME_ROBUST_SLOW": "0.4"}
+    plugins = ["-p", "kdframe_test_killer", "-p", "kdframe_robust_slow"]
+    killed = run_cli("run", SMOKE, "--out", str(out), "--progress", "off", *plugins, env=env)
+    assert killed.returncode == -9, killed.stderr
+    first = json.loads((out / "teacher.json").read_text())["source"]
+    assert first == "fine-tuned in this run" or first.startswith("cache ")
+    resumed = run_cli("run", SMOKE, "--resume", str(out), "--progress", "off", *plugins, env={"KDFRAME_ROBUST_SLOW": "0.4"})
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["source"] == first
+    stage = summary["stages"]["distil"]
+    assert stage["wall_time_s"] >= 8 * 0.4 and stage["steps_per_s"] <= 8 / (8 * 0.4)
+    assert summary["wall_time_s"] >= stage["wall_time_s"]
+
+
 def test_checkpoint_of_a_newer_format_is_refused(reference_run, tmp_path):
     import shutil
 
@@ -161,6 +197,9 @@ def test_export_loads_without_kdframe(reference_run, tmp_path):
         f"m = transformers.AutoModelForSequenceClassification.from_pretrained({str(out)!r})\n"
         "assert not any(k.startswith('kdframe') for k in sys.modules)\n"
         "assert not any('W_h' in k for k in m.state_dict())\n"
+        f"p = transformers.pipeline('text-classification', model={str(out)!r})\n"
+        "assert p.tokenizer.model_max_length == 48, p.tokenizer.model_max_length  # the recipe's max_length\n"
+        "assert p('the cat sat')[0]['label'] in ('not_equivalent', 'equivalent')  # MRPC's labels, not LABEL_0\n"
         "print(m.config.num_hidden_layers, sum(p.numel() for p in m.parameters()))\n"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

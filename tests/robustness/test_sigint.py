@@ -9,7 +9,7 @@ import sys
 import time
 
 import torch
-from robust_helpers import SMOKE, all_finite, kd
+from robust_helpers import SMOKE, all_finite
 
 from conftest import FIXTURES, ROOT
 
@@ -56,10 +56,12 @@ def test_sigint_checkpoints_and_resume_completes(tmp_path):
     assert all_finite(state)
     stopped = state["position"]["step"]
 
-    # the hint, followed to the letter (it carries the --set and -p options the run was made with)
-    assert hint[:2] == ["kdframe", "run"] and "--set" in hint and "-p" in hint
-    resumed = kd(*hint[1:], "--progress", "off", env={"KDFRAME_ROBUST_SLOW": "0", "KDFRAME_ROBUST_STEPS": str(steps)})
-    assert resumed.rc == 0, resumed.err
+    # the hint, followed to the letter, from another directory (it names this interpreter's kdframe,
+    # needs no activated environment, and carries the --set and -p options the run was made with)
+    assert hint[:4] == [sys.executable, "-m", "kdframe.cli", "run"] and "--set" in hint and "-p" in hint
+    resumed = subprocess.run([*hint, "--progress", "off"], cwd=tmp_path, capture_output=True, text=True,
+                             env=dict(env, KDFRAME_ROBUST_SLOW="0"))
+    assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["distil"]["steps"] == 8
     # each step ran once, and plugins saw the right step number after the resume
