@@ -4,7 +4,7 @@ Features are random tensors shaped like MiniLM's (12 heads, hidden 384): attenti
 (B, 12, L, L) per layer and hidden states (B, L, 384) per layer plus the embedding output.
 For every size it times, on the same tensors:
 
-- ``batched``: kdframe_costs.att_cost + hid_cost, the functions a training step calls through
+- ``batched``: kdframe_costs.matrices.att_cost + hid_cost, the functions a training step calls through
   ``kdframe_layer_costs``. Issue 8's results measured their old form (layers stacked, one matmul
   through ||a||^2 + ||b||^2 - 2 a.b); they now do one ``F.mse_loss`` per pair of unstacked
   layers, like ``loop`` (docs/performance.md);
@@ -61,7 +61,8 @@ def lean_pairwise_mse(student, teacher):
 
 
 def costs_batched(student, teacher, proj):
-    from kdframe_costs import AttParams, HiddenParams, att_cost, hid_cost
+    from kdframe_costs import AttParams, HiddenParams
+    from kdframe_costs.matrices import att_cost, hid_cost
 
     return {"att": att_cost(student, teacher, AttParams()), "hid": hid_cost(student, teacher, proj, HiddenParams())}
 
@@ -87,7 +88,8 @@ def costs_loop(student, teacher, proj):
 
 def transport_step(costs, weights):
     """EMD flows for att and hid, then the cost-attention update (kdframe.step's order)."""
-    from kdframe_cost_attention import CostAttentionParams, cost_attention
+    from kdframe_cost_attention import CostAttentionParams
+    from kdframe_cost_attention.update import cost_attention
     from kdframe_emd import emd_flow
 
     flows = {kind: emd_flow(cost, *weights[kind]) for kind, cost in costs.items()}
@@ -154,7 +156,7 @@ def accuracy(B: int, L: int, heads: int = HEADS) -> dict[str, Any]:
     noise = (0.01, 0.05, 0.5)
     student = torch.stack([teacher[2 * i + 1] + n * torch.randn(*shape, generator=g) for i, n in enumerate(noise)])
     truth = torch.stack([torch.stack([((a.double() - b.double()) ** 2).mean() for b in teacher]) for a in student])
-    from kdframe_costs import pairwise_mse
+    from kdframe_costs.matrices import pairwise_mse
     import torch.nn.functional as F
 
     variants = {
@@ -178,7 +180,7 @@ def accuracy_real(config: str, length: int) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from bench_step import load_session, synthetic_batch
-    from kdframe_costs import pairwise_mse
+    from kdframe_costs.matrices import pairwise_mse
 
     session, _ = load_session(config)
     host = session.host

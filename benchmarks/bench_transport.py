@@ -228,7 +228,8 @@ def breakdown(M: int, N: int, repeats: int, budget_s: float) -> dict[str, Any]:
     import ot
     import torch
 
-    from kdframe_cost_attention import CostAttentionParams, cost_attention
+    from kdframe_cost_attention import CostAttentionParams
+    from kdframe_cost_attention.update import cost_attention
     from kdframe_emd import emd_flow
 
     p = problems(M, N)[1]  # random costs, random weights on the simplex

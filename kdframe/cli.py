@@ -130,10 +130,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from kdframe.plan import plan
     from kdframe.session import prepare
 
     session = prepare(args.recipe, args.overrides, args.plugins)
+    from kdframe.plan import plan  # torch: imported once the recipe is known to be valid
+
     stages = plan(session)
     console = Console()
     console.print("[bold]Resolved recipe[/bold]")
@@ -148,7 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"student: {st.description}")
     for entry in stages:
         losses = ", ".join(f"{k}={v:g}" for k, v in entry.losses.items())
-        console.print(f"stage {entry.stage!r}: mapping {entry.mapping}, weighting {entry.weighting},"
+        console.print(f"stage {entry.stage!r}: mapping {entry.mapping or 'none'}, weighting {entry.weighting or 'none'},"
                       f" losses {losses}; features {', '.join(entry.needs) or 'logits only'}")
         for kind, flow in entry.flows.items():
             table = Table(title=f"initial {kind} flow (student layer x teacher layer), first dev batch")

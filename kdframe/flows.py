@@ -4,12 +4,16 @@ solvers, the outer-product flow, and fixed flows from lists of teacher layers.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: kdframe.api stays free of torch until a flow is built
+    import torch
 
 
 def outer_flow(w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """F = w_s w_t^T: every layer pair weighted by both layers' weights (detached)."""
+    import torch
+
     return torch.outer(w_s, w_t).detach()
 
 
@@ -23,6 +27,8 @@ def solve_transport(cost: torch.Tensor, weights: tuple[torch.Tensor, torch.Tenso
     then ``outer_flow(a, b)`` and the non-finite loss is left to the engine (``nonfinite``). The
     flow comes back as a constant in the cost's dtype and on its device.
     """
+    import torch
+
     a = weights[0].detach().to("cpu", torch.float64)
     b = weights[1].detach().to("cpu", torch.float64)
     a, b = a / a.sum(), b / b.sum()
@@ -43,6 +49,8 @@ def check_layer_list(layers: list[int], count: int, teacher_layers: int) -> None
 def fixed_flow(cost: torch.Tensor, teacher_layers: list[int], value: float) -> torch.Tensor:
     """A constant flow with ``value`` at (student row i, teacher layer ``teacher_layers[i]``, 1-indexed)
     and zero elsewhere; rows past the list stay zero."""
+    import torch
+
     flow = torch.zeros_like(cost, requires_grad=False)
     rows = torch.arange(len(teacher_layers), device=cost.device)
     flow[rows, torch.tensor(teacher_layers, device=cost.device) - 1] = value

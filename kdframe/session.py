@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
-import torch
 
-from kdframe import checkpoint
 from kdframe.caches import cache_root
 from kdframe.errors import RecipeError
 from kdframe.plugins import PluginHost, load_plugins
@@ -50,12 +48,13 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
     loaded = load_recipe(recipe_path, list(overrides), host.registry)
     recipe, problems = loaded.recipe, list(loaded.problems)
     problems += host.validate_recipe(recipe)
-    if recipe.precision == "fp16" and not torch.cuda.is_available():
-        problems.append("precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-    if recipe.device == "cuda" and not torch.cuda.is_available():
-        problems.append("device: 'cuda' asked for, but no CUDA device is available")
+    needs_cuda = {"precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU": recipe.precision == "fp16",
+                  "device: 'cuda' asked for, but no CUDA device is available": recipe.device == "cuda"}
+    if any(needs_cuda.values()) and not _cuda_available():
+        problems += [problem for problem, needed in needs_cuda.items() if needed]
     if problems:
         raise RecipeError(problems, source=str(Path(recipe_path).resolve()))
+    from kdframe import checkpoint  # torch: a recipe with problems is refused without it
 
     task = host.registry.task(recipe.data.task).info
     session = Session(recipe, Path(recipe_path).resolve(), host, loaded.stages, loaded.teacher_stage, task)
@@ -68,3 +67,9 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
         session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)
         session.dev = host.load_data(recipe.data, task, "dev", session.student.tokenizer, cache_dir)
     return session
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,7 +1,6 @@
-"""Test helpers for kdframe and its plugin authors (a pytest plugin, entry point ``pytest11``).
-
-Fixtures: ``kdframe_host`` (the installed plugins, freshly loaded) and ``make_host`` (a factory
-that adds inline plugin objects, e.g. a class with ``@hookimpl`` methods, to the installed ones).
+"""Test helpers for kdframe and its plugin authors. (The fixtures ``kdframe_host`` and
+``make_host`` come from ``kdframe.pytest_plugin``, which pytest loads in any environment where
+kdframe is installed; this module, with torch, only where a test imports it.)
 
 Contract checks: plain functions that call a strategy through its hooks, exactly as the engine
 does, and raise ``AssertionError`` naming the case that broke. Call them from any test::
@@ -23,11 +22,10 @@ from __future__ import annotations
 import io
 import pickle
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
-import pytest
 import tomli_w
 import torch
 
@@ -46,19 +44,6 @@ SIZES: tuple[tuple[int, int], ...] = ((2, 6), (3, 6), (4, 12))
 MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
 #: Marginal tolerance of an exact mapping: float32 sums of up to a dozen entries.
 EXACT_MARGINALS = 1e-6
-
-
-@pytest.fixture
-def kdframe_host() -> PluginHost:
-    return load_plugins()
-
-
-@pytest.fixture
-def make_host() -> Callable[..., PluginHost]:
-    def make(*plugins: Any, blocked: tuple[str, ...] = ()) -> PluginHost:
-        return load_plugins([f"no:{name}" for name in blocked], objects=plugins)
-
-    return make
 
 
 # -- builders ---------------------------------------------------------------------------------

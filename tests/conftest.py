@@ -12,6 +12,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 
 sys.path.insert(0, str(FIXTURES))
+# Hermetic: the suite sees the bundled plugins and what a test loads itself (-p, inline objects),
+# never whatever else is installed in the environment; the processes it starts inherit this. The
+# tests of installed plugins say so (INSTALLED_PLUGINS).
+os.environ["KDFRAME_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+INSTALLED_PLUGINS = {"KDFRAME_DISABLE_PLUGIN_AUTOLOAD": ""}
 # Tiny models are all overhead: one thread per process is faster, above all on a shared machine,
 # and the subprocesses the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,5 +1,9 @@
 """The kdframe command as a user meets it: plugins, validate, -p, exit codes and messages."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from conftest import ROOT
@@ -46,7 +50,7 @@ def test_wrong_type_names_its_path(cli):
 
 
 def test_unknown_strategy_lists_the_known_ones(cli):
-    result = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=emdd", "-p", "no:sinkhorn")
+    result = cli("validate", SMOKE, "--set", "stages[0].mapping.strategy=emdd")
     assert_bad_input(result, "stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform")
 
 
@@ -77,7 +81,7 @@ def test_p_no_blocks_a_bundled_plugin(cli):
     listed = cli("plugins", "-p", "no:emd")
     assert listed.returncode == 0
     assert "mapping:emd" not in listed.stdout and "cost_attention" in listed.stdout
-    result = cli("validate", SMOKE, "-p", "no:emd", "-p", "no:sinkhorn")
+    result = cli("validate", SMOKE, "-p", "no:emd")
     assert_bad_input(result, "unknown mapping strategy 'emd'; known: one-to-one, pkd")
 
 
@@ -110,3 +114,23 @@ def test_p_naming_an_installed_plugin_is_harmless(cli):
     result = cli("plugins", "-p", "kdframe_emd")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("mapping:emd") == 1
+
+
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "ot", "scipy", "numpy")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["plugins"], ["validate", "BAD"]],
+                         ids=["help", "run-help", "plugins", "validate-bad-recipe"])
+def test_commands_that_train_nothing_import_no_heavy_package(args, tmp_path):
+    """They answer in a fraction of a second: no torch, transformers, POT or scipy import (seconds
+    of CPU each). Installed plugins are loaded too (the example plugin, when installed)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ntask = "mrpcc"\n[teacher]\n[student]\n[[stages]]\n')
+    args = [str(bad) if a == "BAD" else a for a in args]
+    code = ("import sys\nfrom kdframe.cli import main\n"
+            f"code = main({args!r})\n"
+            f"print(code, sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))\n")
+    env = {**os.environ, "KDFRAME_DISABLE_PLUGIN_AUTOLOAD": ""}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == f"{2 if args[0] == 'validate' else 0} []", done.stdout[-2000:] + done.stderr[-2000:]

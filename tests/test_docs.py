@@ -2,6 +2,8 @@
 param in the recipe reference, generated files fresh, relative links alive."""
 
 import re
+import subprocess
+import sys
 import typing
 
 import attrs
@@ -47,6 +49,13 @@ def test_every_recipe_field_is_documented():
     assert not missing, f"docs/recipes.md lacks {missing}; {REGENERATE}"
 
 
+def test_every_documented_key_says_what_it_means():
+    rows = [line for line in RECIPES.splitlines() if line.startswith("| `")]
+    assert len(rows) > 60
+    unexplained = [row.split(" | ")[0].strip("| ") for row in rows if not row.rstrip(" |").rsplit(" | ", 1)[1].strip()]
+    assert not unexplained, f"docs/recipes.md: no meaning for {unexplained}; give the field a trailing # comment"
+
+
 @pytest.mark.parametrize("strategy", docgen.bundled_strategies(), ids=lambda s: f"{s.slot}:{s.name}")
 def test_every_bundled_strategy_param_is_documented(strategy):
     heading = f"\n### {strategy.slot} `{strategy.name}`\n"
@@ -90,3 +99,24 @@ def test_relative_links_resolve(path):
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
     broken = [t for t in targets if not t.startswith(("http://", "https://")) and not (path.parent / t).exists()]
     assert not broken, f"{path.relative_to(DOCS.parent)} links to missing {broken}"
+
+
+def test_pytest_reruns_only_the_last_failures(tmp_path):
+    """The project's pytest settings keep pytest's cache: --lf reruns the failures, not everything."""
+    (tmp_path / "test_x.py").write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert False\n")
+
+    def pytest(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+                               str(tmp_path), *args, str(tmp_path)], capture_output=True, text=True, timeout=120)
+
+    assert "1 failed, 1 passed" in pytest().stdout
+    again = pytest("--lf").stdout
+    assert again.strip().splitlines()[-1].startswith("1 failed in") and "passed" not in again, again
+
+
+def test_the_guides_recipe_is_the_shipped_one():
+    import tomllib
+
+    guide = (DOCS / "guide.md").read_text()
+    block = guide.split("`recipes/emd_glue.toml`, the main job's recipe", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    assert tomllib.loads(block) == tomllib.loads((ROOT / "recipes" / "emd_glue.toml").read_text())

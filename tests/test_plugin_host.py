@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT, run_cli
+from conftest import FIXTURES, INSTALLED_PLUGINS, ROOT, run_cli
 from kdframe.api import hookimpl
 from kdframe.step import DistillStep
 from kdframe.testing import make_context, random_features
@@ -23,7 +23,7 @@ ACME_SITE = FIXTURES / "acme_site"  # an installed distribution, acme-onnx, with
 def test_third_party_loader_sorting_before_hf_is_used():
     """Entry point ``acme_onnx`` sorts before the bundled ``hf``; it still answers first (third-party
     plugins register after the bundled ones, and hf's catch-all loader is trylast)."""
-    env = {"PYTHONPATH": os.pathsep.join([str(ACME_SITE), str(FIXTURES)])}
+    env = {"PYTHONPATH": os.pathsep.join([str(ACME_SITE), str(FIXTURES)]), **INSTALLED_PLUGINS}
     listed = run_cli("plugins", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "acme_onnx" in listed.stdout and "model-source:acme" in listed.stdout
@@ -98,6 +98,25 @@ def test_tracing_prints_every_hook_call(tmp_path):
             "kdframe_state_dict", "kdframe_step_end", "kdframe_run_end"} <= called
     assert len(called) >= 18
     assert called <= traced, f"called but not traced: {sorted(called - traced)}"
+
+
+def test_the_suite_ignores_installed_plugins(tmp_path):
+    """A third-party plugin installed in the environment (here one that claims the mapping name
+    emd, so every command that loads it exits 2) does not reach the test suite."""
+    site = tmp_path / "site"
+    dist = site / "kdframe_clash-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kdframe-clash\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kdframe]\nclash = kdframe_test_taken\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(FIXTURES)])}
+    env.pop("KDFRAME_DISABLE_PLUGIN_AUTOLOAD")  # a developer's shell
+    installed = subprocess.run([sys.executable, "-m", "kdframe.cli", "plugins"], env=env, capture_output=True,
+                               text=True, timeout=120)
+    assert installed.returncode == 2 and "registered by two plugins" in installed.stderr  # it is installed
+    suite = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_recipe.py",
+                            "tests/test_cli.py::test_plugins_lists_every_bundled_plugin_with_its_strategies"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert suite.returncode == 0, suite.stdout[-3000:]
 
 
 # -- the core's shape -----------------------------------------------------------------------------

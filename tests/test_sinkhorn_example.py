@@ -1,6 +1,7 @@
 """The third-party example examples/kdframe-sinkhorn as a user gets it: installed (CI runs
 ``pip install ./examples/kdframe-sinkhorn``), found through its entry point, used by a recipe,
-blocked by ``-p no:sinkhorn``."""
+blocked by ``-p no:sinkhorn``. The rest of the suite does not load installed plugins; these
+tests turn that on for the commands they run (INSTALLED_PLUGINS)."""
 
 import importlib.metadata
 import json
@@ -12,17 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import INSTALLED_PLUGINS, ROOT, run_cli
 
 EXAMPLE = ROOT / "examples" / "kdframe-sinkhorn"
 RECIPE = str(EXAMPLE / "recipes" / "smoke.toml")
 
-pytestmark = [
-    pytest.mark.skipif(not importlib.metadata.entry_points(group="kdframe", name="sinkhorn"),
-                       reason="kdframe-sinkhorn is not installed (pip install ./examples/kdframe-sinkhorn)"),
-    pytest.mark.skipif(bool(os.environ.get("KDFRAME_DISABLE_PLUGIN_AUTOLOAD")),
-                       reason="KDFRAME_DISABLE_PLUGIN_AUTOLOAD is set: installed plugins are not loaded"),
-]
+pytestmark = pytest.mark.skipif(not importlib.metadata.entry_points(group="kdframe", name="sinkhorn"),
+                                reason="kdframe-sinkhorn is not installed (pip install ./examples/kdframe-sinkhorn)")
 
 
 def test_installed_copy_is_the_example_source():
@@ -35,13 +32,13 @@ def test_installed_copy_is_the_example_source():
 
 def test_the_example_passes_its_own_tests():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(EXAMPLE / "tests")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **INSTALLED_PLUGINS})
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "skipped" not in result.stdout
 
 
 def test_plugins_lists_it_as_an_entry_point():
-    result = run_cli("plugins")
+    result = run_cli("plugins", env=INSTALLED_PLUGINS)
     assert result.returncode == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if " sinkhorn " in line)
     assert "entry point" in row and "mapping:sinkhorn" in row and "layer_mapping" in row
@@ -49,7 +46,7 @@ def test_plugins_lists_it_as_an_entry_point():
 
 def test_its_recipe_runs_with_dense_flows(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("run", RECIPE, "--out", str(out), "--progress", "off")
+    result = run_cli("run", RECIPE, "--out", str(out), "--progress", "off", env=INSTALLED_PLUGINS)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"]["distil"]["steps"] == 8 and summary["student"]["best"]["f1"] >= 0
@@ -64,9 +61,9 @@ def test_its_recipe_runs_with_dense_flows(tmp_path):
 
 
 def test_blocked_it_is_gone_and_its_recipe_is_bad_input():
-    listed = run_cli("plugins", "-p", "no:sinkhorn")
+    listed = run_cli("plugins", "-p", "no:sinkhorn", env=INSTALLED_PLUGINS)
     assert listed.returncode == 0 and "sinkhorn" not in listed.stdout
-    result = run_cli("validate", RECIPE, "-p", "no:sinkhorn")
+    result = run_cli("validate", RECIPE, "-p", "no:sinkhorn", env=INSTALLED_PLUGINS)
     assert result.returncode == 2
     assert "stages[0].mapping: unknown mapping strategy 'sinkhorn'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -9,6 +9,7 @@ import math
 import attrs
 import kdframe_cost_attention as ca
 import kdframe_costs as costs
+import kdframe_costs.matrices as matrices
 import kdframe_emd as emd
 import kdframe_losses as losses
 import kdframe_pkd as pkd
@@ -25,7 +26,7 @@ from kdframe.recipe import structure
 from kdframe.step import DistillStep
 from kdframe.testing import MASK, make_context, random_features
 
-HOST = load_plugins(["no:sinkhorn"])  # the bundled strategies only, whatever else is installed
+HOST = load_plugins()
 REGISTRY = HOST.registry
 
 
@@ -154,7 +155,7 @@ REAL_HID = MASK[:, :, None].bool()  # (B, L, 1)
 @pytest.mark.parametrize("tokens", ["all", "real"])
 def test_att_cost_equals_naive_loop(tokens: str) -> None:
     student, teacher = random_features(3, 8, 4, seed=1, grad=True), random_features(6, 12, 4, seed=2)
-    fast = costs.att_cost(student, teacher, costs.AttParams(tokens=tokens))
+    fast = matrices.att_cost(student, teacher, costs.AttParams(tokens=tokens))
     slow = naive_costs(student.attn, teacher.attn, REAL_ATT if tokens == "real" else None)
     assert fast.shape == (3, 6)
     assert_same_values_and_grads(fast, slow, list(student.attn))
@@ -166,7 +167,7 @@ def test_costs_stay_accurate_when_layers_are_close() -> None:
     generator = torch.Generator().manual_seed(11)
     teacher = torch.randn(4, 8, 12, 64, 64, generator=generator) * 5  # attention-score magnitudes
     student = teacher[[0, 2]] + 1e-2 * torch.randn(2, 8, 12, 64, 64, generator=generator)
-    fast = costs.pairwise_mse(student, teacher)
+    fast = matrices.pairwise_mse(student, teacher)
     slow = naive_costs(student.double(), teacher.double()).float()
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-9)
     assert fast[0, 0] < 2e-4 and fast[1, 2] < 2e-4  # ~1e-4 true cost, not swamped by rounding
@@ -182,7 +183,7 @@ def test_att_cost_all_tokens_is_the_reference_code() -> None:
         return torch.where(a <= -1e2, torch.zeros_like(a), a)
 
     expected = torch.tensor([[F.mse_loss(reference(s), reference(t)).item() for t in teacher.attn] for s in student.attn])
-    torch.testing.assert_close(costs.att_cost(student, teacher, costs.AttParams()), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matrices.att_cost(student, teacher, costs.AttParams()), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_adds_nothing_to_att_cost_with_real_tokens() -> None:
@@ -191,26 +192,26 @@ def test_padding_adds_nothing_to_att_cost_with_real_tokens() -> None:
     # Only the student's padded rows change (the same change on both sides would cancel).
     noisy = Features(student.logits, student.mask, student.hidden, tuple(a + 50.0 * pad_rows for a in student.attn))
     real, all_tokens = costs.AttParams(tokens="real"), costs.AttParams()
-    torch.testing.assert_close(costs.att_cost(noisy, teacher, real), costs.att_cost(student, teacher, real))
-    assert not torch.allclose(costs.att_cost(noisy, teacher, all_tokens), costs.att_cost(student, teacher, all_tokens))
+    torch.testing.assert_close(matrices.att_cost(noisy, teacher, real), matrices.att_cost(student, teacher, real))
+    assert not torch.allclose(matrices.att_cost(noisy, teacher, all_tokens), matrices.att_cost(student, teacher, all_tokens))
 
 
 def test_costs_stay_float32_under_autocast() -> None:
     student, teacher = random_features(2, 8, 2, seed=17), random_features(4, 12, 2, seed=18)
-    plain = costs.att_cost(student, teacher, costs.AttParams())
+    plain = matrices.att_cost(student, teacher, costs.AttParams())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = costs.att_cost(student, teacher, costs.AttParams())
+        mixed = matrices.att_cost(student, teacher, costs.AttParams())
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
 
 
 def test_att_heads_must_match_unless_averaged() -> None:
     student, teacher = random_features(2, 8, 2, seed=7, grad=True), random_features(4, 12, 4, seed=8)
     with pytest.raises(ModelError, match=r"student has 2 attention heads and the teacher 4.*average_heads = true"):
-        costs.att_cost(student, teacher, costs.AttParams())
+        matrices.att_cost(student, teacher, costs.AttParams())
     with pytest.raises(ModelError, match="student has 2 attention heads and the teacher 4"):
         costs.kdframe_stage_start(make_ctx(losses={"att": {}}, heads=(2, 4)))  # before training
     costs.kdframe_stage_start(make_ctx(losses={"att": {"average_heads": True}}, heads=(2, 4)))
-    fast = costs.att_cost(student, teacher, costs.AttParams(average_heads=True))
+    fast = matrices.att_cost(student, teacher, costs.AttParams(average_heads=True))
     slow = naive_costs([a.mean(1) for a in student.attn], [a.mean(1) for a in teacher.attn])
     assert_same_values_and_grads(fast, slow, list(student.attn))
 
@@ -219,7 +220,7 @@ def test_att_heads_must_match_unless_averaged() -> None:
 def test_hid_cost_equals_naive_loop(tokens: str) -> None:
     student, teacher = random_features(3, 8, 2, seed=9, grad=True), random_features(6, 12, 2, seed=10)
     proj = torch.nn.Linear(8, 12)
-    fast = costs.hid_cost(student, teacher, proj, costs.HiddenParams(tokens=tokens))
+    fast = matrices.hid_cost(student, teacher, proj, costs.HiddenParams(tokens=tokens))
     slow = naive_costs([proj(h) for h in student.hidden[1:]], teacher.hidden[1:], REAL_HID if tokens == "real" else None)
     assert_same_values_and_grads(fast, slow, [*student.hidden[1:], proj.weight, proj.bias])
 
@@ -229,7 +230,7 @@ def test_cls_cost_equals_naive_loop(d_s: int) -> None:
     student, teacher = random_features(3, d_s, 2, seed=11, grad=True), random_features(6, 12, 2, seed=12)
     proj = torch.nn.Linear(d_s, 12) if d_s != 12 else None
     project = proj if proj is not None else (lambda x: x)
-    fast = costs.cls_cost(student, teacher, proj)
+    fast = matrices.cls_cost(student, teacher, proj)
     slow = naive_costs([F.normalize(project(h[:, 0]), dim=-1) for h in student.hidden[1:]],
                        [F.normalize(h[:, 0], dim=-1) for h in teacher.hidden[1:]])
     params = [proj.weight, proj.bias] if proj is not None else []

@@ -12,22 +12,14 @@ is the one used here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-import torch
-import torch.nn.functional as F
 
-from kdframe.api import (
-    Features,
-    ModelError,
-    NoParams,
-    PluginError,
-    StageContext,
-    Registry,
-    hookimpl,
-)
+from kdframe.api import Features, ModelError, NoParams, PluginError, Registry, StageContext, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 W_H = "costs.W_h"  # its name among the extra parameters and its key in ctx.state
 TERM_KIND = {"att": "att", "hid": "hid", "pt": "cls"}  # loss term -> the cost kind it transports
@@ -40,7 +32,7 @@ class HiddenParams:
     """``hid`` and ``emb``. ``tokens = "all"`` counts padding, as the reference code does;
     ``"real"`` averages over real tokens only."""
 
-    tokens: Tokens = "all"
+    tokens: Tokens = "all"  # positions that count: all (padding too, as the reference code) or real tokens
 
 
 @attrs.frozen
@@ -48,30 +40,8 @@ class AttParams:
     """``att``. ``average_heads = true`` averages both models' scores over heads before
     comparing them (always, not only when the head counts differ); it is required when they do."""
 
-    tokens: Tokens = "all"
-    average_heads: bool = False
-
-
-def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
-    """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
-
-    ``student`` (M layers) and ``teacher`` (N layers) hold tensors of one shape, as sequences or
-    stacked along dim 0 (not stacked here: each pair is read on its own). ``keep`` is a 0/1 tensor
-    broadcastable to that shape (None keeps every entry). One pass over the differences per pair:
-    the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close layers
-    (where training starts) in float32, and in float64 it took more time and memory than these
-    M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
-    """
-    with torch.autocast(student[0].device.type, enabled=False):
-        s, t = [layer.float() for layer in student], [layer.float() for layer in teacher]
-        count: Any = s[0].numel()
-        if keep is not None:
-            keep = keep.float()
-            s, t = [layer * keep for layer in s], [layer * keep for layer in t]  # (s*k - t*k)^2 = k (s - t)^2
-            count = keep.expand(s[0].shape).sum()
-        # mse_loss keeps only its two inputs for the backward, no differences
-        return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
+    tokens: Tokens = "all"  # entries that count: all, or those whose query and key are real tokens
+    average_heads: bool = False  # compare head-averaged scores (needed when the head counts differ)
 
 
 def check_heads(student_heads: int, teacher_heads: int, params: AttParams) -> None:
@@ -82,49 +52,6 @@ def check_heads(student_heads: int, teacher_heads: int, params: AttParams) -> No
             f" {teacher_heads}; set average_heads = true on the att loss term to average the"
             " scores over heads before comparing them"
         )
-
-
-def att_cost(student: Features, teacher: Features, params: AttParams) -> torch.Tensor:
-    """D^att[i, j] = mean over (B, h, L, L) of (A^S_i - A^T_j)^2."""
-    s, t = student.attn, teacher.attn  # layers of (B, h, L, L)
-    check_heads(s[0].shape[1], t[0].shape[1], params)
-    if params.average_heads:
-        s, t = [a.mean(1, keepdim=True) for a in s], [a.mean(1, keepdim=True) for a in t]
-    keep = None
-    if params.tokens == "real":
-        mask = student.mask.float()
-        keep = (mask[:, :, None] * mask[:, None, :])[:, None]  # (B, 1, L, L): real query and key
-    return pairwise_mse(s, t, keep)
-
-
-def _token_keep(mask: torch.Tensor, tokens: str) -> torch.Tensor | None:
-    """Which (B, L, 1) hidden-state entries count: all of them, or real tokens only."""
-    return mask[:, :, None] if tokens == "real" else None
-
-
-def hid_cost(student: Features, teacher: Features, proj: torch.nn.Module, params: HiddenParams) -> torch.Tensor:
-    """D^hid[i, j] = mean over (B, L, d_T) of (H^S_i W_h - H^T_j)^2, layers 1..M against 1..N."""
-    s = [proj(h) for h in student.hidden[1:]]  # (B, L, d_T) per layer
-    return pairwise_mse(s, teacher.hidden[1:], _token_keep(student.mask, params.tokens))
-
-
-def cls_cost(student: Features, teacher: Features, proj: torch.nn.Module | None) -> torch.Tensor:
-    """D^cls[i, j] = mean over (B, d) of (norm(cls^S_i [W_h]) - norm(cls^T_j))^2 (PKD's L_PT).
-
-    ``proj`` is W_h when the hidden sizes differ (PKD itself cannot compare them otherwise), None
-    when they are equal.
-    """
-    s = torch.stack([h[:, 0] for h in student.hidden[1:]])  # (M, B, d_S): [CLS] of each layer
-    if proj is not None:
-        s = proj(s)
-    t = torch.stack([h[:, 0] for h in teacher.hidden[1:]])
-    return pairwise_mse(F.normalize(s, dim=-1), F.normalize(t, dim=-1))
-
-
-def emb_loss(student: Features, teacher: Features, proj: torch.nn.Module, params: HiddenParams) -> torch.Tensor:
-    """L_emb = mean over (B, L, d_T) of (H^S_0 W_h - H^T_0)^2."""
-    s, t = proj(student.hidden[0])[None], teacher.hidden[0][None]
-    return pairwise_mse(s, t, _token_keep(student.mask, params.tokens))[0, 0]
 
 
 def projection(ctx: StageContext) -> torch.nn.Module:
@@ -160,6 +87,8 @@ def kdframe_validate_recipe(recipe: Any, registry: Registry) -> list[str]:
 
 @hookimpl
 def kdframe_extra_parameters(ctx: StageContext) -> dict[str, torch.nn.Module]:
+    import torch
+
     d_s, d_t = ctx.student_hidden_size, ctx.teacher_hidden_size
     if not (ctx.active("hid") or ctx.active("emb") or (ctx.active("pt") and d_s != d_t)):
         return {}  # pt alone compares equal-sized [CLS] vectors directly
@@ -175,6 +104,8 @@ def kdframe_stage_start(ctx: StageContext) -> None:
 
 @hookimpl
 def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext) -> dict[str, torch.Tensor]:
+    from kdframe_costs.matrices import att_cost, cls_cost, hid_cost  # torch: only once a stage trains
+
     costs = {}
     if ctx.active("att"):
         costs["att"] = att_cost(student, teacher, ctx.losses["att"].params)
@@ -197,5 +128,7 @@ def kdframe_loss_terms(
 ) -> dict[str, torch.Tensor]:
     terms = {term: (flows[kind] * costs[kind]).sum() for term, kind in TERM_KIND.items() if ctx.active(term)}
     if ctx.active("emb"):
+        from kdframe_costs.matrices import emb_loss
+
         terms["emb"] = emb_loss(student, teacher, projection(ctx), ctx.losses["emb"].params)
     return terms

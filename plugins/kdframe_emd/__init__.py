@@ -3,15 +3,20 @@ transport between student and teacher layers (BERT-EMD), and ``uniform``, F = w^
 
 from __future__ import annotations
 
-import ot
-import torch
+from typing import TYPE_CHECKING
 
 from kdframe.api import Registry, StageContext, hookimpl, outer_flow, solve_transport
+
+if TYPE_CHECKING:
+    import torch
 
 
 def emd_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """argmin_F sum F*D with row sums w^S and column sums w^T, solved exactly by POT's network
     simplex (in float64 on the CPU, ``kdframe.api.solve_transport``)."""
+    import ot  # imported at the first solve: commands that train nothing never pay for POT and torch
+    import torch
+
     return solve_transport(cost, (w_s, w_t), lambda d, a, b: torch.from_numpy(ot.emd(a.numpy(), b.numpy(), d.numpy())))
 
 

@@ -14,7 +14,6 @@ import attrs
 from kdframe.api import Registry, TaskInfo, TokenizedSplit, hookimpl, path_field
 
 from kdframe_glue.loading import data_fingerprint, load_split
-from kdframe_glue.metrics import METRICS, compute
 from kdframe_glue.tasks import TASKS
 
 SOURCE = "glue"
@@ -50,6 +49,8 @@ def kdframe_data_fingerprint(data: Any) -> str | None:
 
 @hookimpl(trylast=True)
 def kdframe_compute_metrics(task: TaskInfo, predictions: Any, labels: Any) -> dict[str, float] | None:
+    from kdframe_glue.metrics import METRICS, compute  # numpy and scipy: only once something is scored
+
     # Any task whose metrics are all known here is served, not only GLUE's own.
     if not set(task.metrics) <= METRICS.keys():
         return None

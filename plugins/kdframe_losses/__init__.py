@@ -3,40 +3,22 @@ and ``hard`` (gold labels, no teacher needed)."""
 
 from __future__ import annotations
 
-import attrs
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from kdframe.api import Features, NoParams, StageContext, Registry, bounded, hookimpl
+import attrs
+
+from kdframe.api import Features, NoParams, Registry, StageContext, bounded, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @attrs.frozen
 class PredParams:
     """``t2 = false`` drops the T^2 factor (TinyBERT's prediction stage)."""
 
-    temperature: float = bounded(1.0, gt=0)
-    t2: bool = True
-
-
-def pred_loss(student: torch.Tensor, teacher: torch.Tensor, params: PredParams, regression: bool) -> torch.Tensor:
-    """T^2 * mean over batch AND classes of -softmax(z^T/T) * log_softmax(z^S/T).
-
-    The mean over classes is the reference code's ``.mean()`` reduction (batch-mean cross-entropy
-    divided by C); keeping it keeps beta's meaning. Regression: MSE(z^S, z^T), no temperature.
-    """
-    student, teacher = student.float(), teacher.float()
-    if regression:
-        return F.mse_loss(student.view(-1), teacher.view(-1))
-    temp = params.temperature
-    loss = (-torch.softmax(teacher / temp, -1) * torch.log_softmax(student / temp, -1)).mean()
-    return loss * temp**2 if params.t2 else loss
-
-
-def hard_loss(student: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Cross-entropy with the gold labels; MSE to the gold score for regression."""
-    if regression:
-        return F.mse_loss(student.float().view(-1), labels.float().view(-1))
-    return F.cross_entropy(student.float(), labels.long())
+    temperature: float = bounded(1.0, gt=0)  # T of both softmaxes (classification)
+    t2: bool = True  # multiply by T^2 (false: TinyBERT's prediction stage)
 
 
 @hookimpl
@@ -56,6 +38,8 @@ def kdframe_loss_terms(
     batch: dict[str, torch.Tensor],
     ctx: StageContext,
 ) -> dict[str, torch.Tensor]:
+    from kdframe_losses.terms import hard_loss, pred_loss  # torch: only once a stage trains
+
     regression = ctx.task.is_regression
     terms = {}
     if ctx.active("pred"):

@@ -4,12 +4,14 @@ teacher layers; the student's last layer is left to the prediction loss. Flow en
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
-import torch
 
 from kdframe.api import ModelError, Registry, StageContext, check_layer_list, fixed_flow, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @attrs.frozen
@@ -18,8 +20,8 @@ class PkdParams:
     teacher's last. ``layers`` (1-indexed teacher layers for student layers 1..M-1) overrides
     ``choice`` when given."""
 
-    choice: Literal["skip", "last"] = "skip"
-    layers: list[int] = attrs.Factory(list)
+    choice: Literal["skip", "last"] = "skip"  # every (N/M)-th teacher layer, or the M-1 before the last
+    layers: list[int] = attrs.Factory(list)  # teacher layers (1-indexed) for student layers 1..M-1; overrides choice
 
 
 def pkd_teacher_layers(M: int, N: int, choice: str, layers: list[int]) -> list[int]:
@@ -48,7 +50,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add("mapping", "pkd", params=PkdParams, keeps_marginals=False,
+    registry.add("mapping", "pkd", params=PkdParams, keeps_marginals=False, fixed=True,
                  description="BERT-PKD: student layers 1..M-1 against skip/last teacher layers, mean over pairs")
 
 

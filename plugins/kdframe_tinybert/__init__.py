@@ -5,17 +5,21 @@ is the plain sum over layers (TinyBERT's scale).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
-import torch
 
 from kdframe.api import ModelError, Registry, StageContext, check_layer_list, fixed_flow, hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @attrs.frozen
 class OneToOneParams:
     """``layers``: the teacher layer (1-indexed) for each student layer 1..M; empty: m*N/M."""
 
-    layers: list[int] = attrs.Factory(list)
+    layers: list[int] = attrs.Factory(list)  # teacher layer (1-indexed) per student layer; empty: m*N/M
 
 
 def teacher_layers_for(M: int, N: int, layers: list[int]) -> list[int]:
@@ -40,7 +44,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False,
+    registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False, fixed=True,
                  description="TinyBERT: student layer m learns from teacher layer m*N/M")
 
 

@@ -15,11 +15,14 @@ hooks, found by kdframe through the ``kdframe`` entry point in its pyproject.tom
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
-import ot
-import torch
 
 from kdframe.api import Registry, StageContext, bounded, hookimpl, solve_transport
+
+if TYPE_CHECKING:
+    import torch
 
 #: Largest D / reg for the plain solver: with exp(-200) ~ 1e-87 in its kernel, its scaling
 #: vectors stay far inside float64's range.
@@ -51,6 +54,11 @@ def sinkhorn_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor, para
 
 
 def _sinkhorn(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, params: SinkhornParams) -> torch.Tensor:
+    # Imported at the first solve, not with the module: every kdframe command (--help included)
+    # loads every installed plugin, and POT with torch takes seconds to import.
+    import ot
+    import torch
+
     scale = d.abs().max()
     if params.normalize_cost and scale > 0:
         d = d / scale
@@ -69,6 +77,8 @@ def round_to_marginals(flow: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     Weed and Rigollet, 2017, Algorithm 2): scale rows and columns down to at most their weight,
     then spread the missing mass as an outer product of the deficits.
     """
+    import torch
+
     flow = flow * (a / flow.sum(1)).clamp(max=1)[:, None]  # an empty row divides by 0: inf, clamped to 1
     flow = flow * (b / flow.sum(0)).clamp(max=1)[None, :]
     short_a, short_b = (a - flow.sum(1)).clamp_min(0), (b - flow.sum(0)).clamp_min(0)  # >= 0 up to rounding
