@@ -184,19 +184,22 @@ def kdframe_load_model(
 
 
 @hookspec(firstresult=True)
-def kdframe_export_model(loaded: LoadedModel, out_dir: str) -> str | None:
+def kdframe_export_model(loaded: LoadedModel, out_dir: str, task: TaskInfo, max_length: int) -> str | None:
     """Write ``loaded`` (model and tokenizer) to ``out_dir`` in its framework's own format, so
     that it loads without kdframe; return a one-line description of what was written.
+
+    ``task`` is what the model was trained for (its labels' names belong in the export) and
+    ``max_length`` the token length it was trained at (the exported tokenizer's limit).
 
     Called: by ``kdframe export RUN_DIR OUT``, with the run's final student.
 
     Example::
 
         @hookimpl
-        def kdframe_export_model(loaded, out_dir):
+        def kdframe_export_model(loaded, out_dir, task, max_length):
             if not isinstance(loaded.model, MyModel):
                 return None
-            loaded.model.save(out_dir)
+            loaded.model.save(out_dir, labels=task.names, max_length=max_length)
             return f"MyModel with {loaded.num_layers} layers in {out_dir}"
     """
 

@@ -123,8 +123,9 @@ class PluginHost:
                               predictions=predictions, labels=labels)
         return {name: float(value) for name, value in metrics.items()}
 
-    def export_model(self, loaded: LoadedModel, out_dir: str) -> str:
-        return self._first("kdframe_export_model", "model export", loaded=loaded, out_dir=out_dir)
+    def export_model(self, loaded: LoadedModel, out_dir: str, task: TaskInfo, max_length: int) -> str:
+        return self._first("kdframe_export_model", "model export", loaded=loaded, out_dir=out_dir, task=task,
+                           max_length=max_length)
 
     def extract_features(self, role: str, loaded: LoadedModel, batch: dict[str, Any],
                          needs: frozenset[str]) -> Features:

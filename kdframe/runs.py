@@ -74,4 +74,4 @@ def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = ()) -> s
         raise KdframeError(f"{run_dir} holds no finished run (needs {RECIPE} and student.pt)")
     session = prepare(run_dir / RECIPE, [], plugin_args, load_data=False)
     session.student.model.load_state_dict(checkpoint.load(weights))
-    return session.host.export_model(session.student, out_dir)
+    return session.host.export_model(session.student, out_dir, session.task, session.recipe.data.max_length)

@@ -53,10 +53,16 @@ class TaskInfo:
     main_metric: str
     text_columns: tuple[str, ...] = ("sentence",)
     labels: tuple[str, ...] = ()  # label values as they appear in the data, in id order
+    label_names: tuple[str, ...] = ()  # what each label means, in id order (exported models show these)
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """A readable name per class id: ``label_names``, else the labels as in the data."""
+        return self.label_names or self.labels
 
 
 @attrs.define

@@ -23,7 +23,7 @@ from kdframe.api import FEATURES, LoadedModel, ModelError, TaskInfo
 from kdframe.plugins import load_plugins
 from kdframe.recipe import ModelSpec, TeacherSpec
 
-TASK = TaskInfo("pairs", 2, ("accuracy",), "accuracy")
+TASK = TaskInfo("pairs", 2, ("accuracy",), "accuracy", labels=("0", "1"), label_names=("no", "yes"))
 TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64}
 ALL = frozenset(FEATURES)
 
@@ -248,7 +248,7 @@ def test_export_loads_without_kdframe(teacher, batch, tmp_path):
     student = load("student", ModelSpec(init="teacher-layers", layers=[0, 3]), teacher)
     student.model.eval()
     features(student.model, batch)  # a capture before the export must leave no trace in it
-    description = kdframe_hf.kdframe_export_model(loaded=student, out_dir=str(tmp_path))
+    description = kdframe_hf.kdframe_export_model(loaded=student, out_dir=str(tmp_path), max_length=24)
     assert str(tmp_path) in description
     script = (
         "import json, sys, torch\n"
@@ -261,13 +261,14 @@ def test_export_loads_without_kdframe(teacher, batch, tmp_path):
         "    logits = model(**ids).logits\n"
         "assert not any(name.startswith('kdframe') for name in sys.modules)\n"
         "print(json.dumps({'layers': model.config.num_hidden_layers, 'attn': model.config._attn_implementation,"
-        " 'logits': logits.tolist()}))\n"
+        " 'logits': logits.tolist(), 'labels': model.config.id2label, 'max_length': tokenizer.model_max_length}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["layers"] == 2 and result["attn"] == "sdpa"
+    assert result["labels"] == {"0": "no", "1": "yes"} and result["max_length"] == 24  # the task's names, the trained length
     with torch.no_grad():
         expected = features(student.model, batch, frozenset({"logits"})).logits
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, atol=1e-5, rtol=0)

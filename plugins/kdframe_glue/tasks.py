@@ -33,10 +33,11 @@ class GlueTask:
 
 
 def _info(name: str, labels: tuple[str, ...], metrics: tuple[str, ...], main: str,
-          text: tuple[str, ...]) -> TaskInfo:
-    # Labels are the TSV values in the id order of nyu-mll/glue's ClassLabel, so ids agree on both paths.
+          text: tuple[str, ...], names: tuple[str, ...] = ()) -> TaskInfo:
+    # Labels are the TSV values in the id order of nyu-mll/glue's ClassLabel, so ids agree on both
+    # paths; names are that ClassLabel's names, which exported models show.
     return TaskInfo(name, num_labels=len(labels) or 1, metrics=metrics, main_metric=main,
-                    text_columns=text, labels=labels)
+                    text_columns=text, labels=labels, label_names=names)
 
 
 _BINARY = ("0", "1")
@@ -46,12 +47,14 @@ _PAIR = ("sentence1", "sentence2")
 _MNLI_TEXT = ("premise", "hypothesis")
 
 TASKS: dict[str, GlueTask] = {task.info.name: task for task in (
-    GlueTask(_info("cola", _BINARY, ("matthews",), "matthews", ("sentence",)), "CoLA", "cola", (3,), 1,
-             headerless_columns=4),
-    GlueTask(_info("sst2", _BINARY, ("accuracy",), "accuracy", ("sentence",)), "SST-2", "sst2", (0,), 1),
-    GlueTask(_info("mrpc", _BINARY, ("f1", "accuracy"), "f1", _PAIR), "MRPC", "mrpc", (3, 4), 0),
-    GlueTask(_info("qqp", _BINARY, ("f1", "accuracy"), "f1", ("question1", "question2")), "QQP", "qqp",
-             (3, 4), 5),
+    GlueTask(_info("cola", _BINARY, ("matthews",), "matthews", ("sentence",), ("unacceptable", "acceptable")),
+             "CoLA", "cola", (3,), 1, headerless_columns=4),
+    GlueTask(_info("sst2", _BINARY, ("accuracy",), "accuracy", ("sentence",), ("negative", "positive")),
+             "SST-2", "sst2", (0,), 1),
+    GlueTask(_info("mrpc", _BINARY, ("f1", "accuracy"), "f1", _PAIR, ("not_equivalent", "equivalent")),
+             "MRPC", "mrpc", (3, 4), 0),
+    GlueTask(_info("qqp", _BINARY, ("f1", "accuracy"), "f1", ("question1", "question2"), ("not_duplicate", "duplicate")),
+             "QQP", "qqp", (3, 4), 5),
     GlueTask(_info("stsb", (), ("pearson", "spearman"), "spearman", _PAIR), "STS-B", "stsb", (7, 8), -1),
     GlueTask(_info("mnli", _NLI3, ("accuracy",), "accuracy", _MNLI_TEXT), "MNLI", "mnli", (8, 9), -1,
              dev="dev_matched", hub_dev="validation_matched"),
@@ -60,5 +63,6 @@ TASKS: dict[str, GlueTask] = {task.info.name: task for task in (
     GlueTask(_info("qnli", _ENTAIL, ("accuracy",), "accuracy", ("question", "sentence")), "QNLI", "qnli",
              (1, 2), -1),
     GlueTask(_info("rte", _ENTAIL, ("accuracy",), "accuracy", _PAIR), "RTE", "rte", (1, 2), -1),
-    GlueTask(_info("wnli", _BINARY, ("accuracy",), "accuracy", _PAIR), "WNLI", "wnli", (1, 2), -1),
+    GlueTask(_info("wnli", _BINARY, ("accuracy",), "accuracy", _PAIR, ("not_entailment", "entailment")),
+             "WNLI", "wnli", (1, 2), -1),
 )}

@@ -47,11 +47,11 @@ def kdframe_extract_features(
 
 
 @hookimpl(trylast=True)
-def kdframe_export_model(loaded: LoadedModel, out_dir: str) -> str | None:
+def kdframe_export_model(loaded: LoadedModel, out_dir: str, max_length: int) -> str | None:
     from transformers import PreTrainedModel
 
     from kdframe_hf.models import export_model
 
     if not isinstance(loaded.model, PreTrainedModel):
         return None  # another plugin's model
-    return export_model(loaded, out_dir)
+    return export_model(loaded, out_dir, max_length)

@@ -145,14 +145,16 @@ def config_keys(config: PreTrainedConfig) -> set[str]:
     return own | set(config.attribute_map)  # aliases such as DistilBERT's hidden_size -> dim
 
 
-def export_model(loaded: LoadedModel, out_dir: str) -> str:
-    """Save model and tokenizer in transformers' format.
+def export_model(loaded: LoadedModel, out_dir: str, max_length: int) -> str:
+    """Save model and tokenizer in transformers' format; the tokenizer truncates at ``max_length``,
+    the length the model was trained at.
 
     The attention implementation is runtime state, not written to config.json, so the export
     loads with the reader's default (sdpa) and never names kdframe's capture implementation.
     """
     with quiet_transformers():
         loaded.model.save_pretrained(out_dir)
+    loaded.tokenizer.model_max_length = max_length
     loaded.tokenizer.save_pretrained(out_dir)
     return f"model ({_shape(loaded.model.config)}) and tokenizer in {Path(out_dir).resolve()}"
 
@@ -177,6 +179,10 @@ def quiet_transformers() -> Iterator[None]:
 def _set_task(config: PreTrainedConfig, task: TaskInfo) -> None:
     config.num_labels = task.num_labels
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    if not task.is_regression and len(task.names) == task.num_labels:
+        # An exported model (and a pipeline on it) then shows the task's labels, not LABEL_0.
+        config.id2label = dict(enumerate(task.names))
+        config.label2id = {name: i for i, name in enumerate(task.names)}
 
 
 def _loaded(model: PreTrainedModel, tokenizer: Any, origin: str, note: str) -> LoadedModel:
