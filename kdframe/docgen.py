@@ -219,6 +219,10 @@ def _strategy_section(strategy: Strategy) -> list[str]:
         facts.append("reads " + ", ".join(f"`{n}`" for n in sorted(strategy.needs)))
     if strategy.slot == "mapping":
         facts.append(("keeps" if strategy.keeps_marginals else "does not keep") + " the layer weights as marginals")
+        if strategy.fixed:
+            facts.append("a fixed flow (it reads neither costs nor weights)")
+    if strategy.needs_marginals:
+        facts.append("needs a mapping that keeps the layer weights as marginals, or a fixed one")
     if strategy.student_only:
         facts.append("needs no teacher")
     lines += ["; ".join(facts) + ".", ""]

@@ -26,7 +26,7 @@ from cattrs.cols import list_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 
 from kdframe.errors import RecipeError
-from kdframe.registry import Registry
+from kdframe.registry import Registry, Strategy
 from kdframe.rundir import TEACHER
 from kdframe.types import Selected
 
@@ -54,38 +54,38 @@ def path_field(kind: Literal["dir", "location"], default: str = "") -> Any:
 class StrategyChoice:
     """``{strategy = "emd", ...params}``: the params are structured once plugins are loaded."""
 
-    strategy: str
-    params: dict[str, Any] = attrs.Factory(dict)
+    strategy: str  # a registered strategy of the slot (Strategies below)
+    params: dict[str, Any] = attrs.Factory(dict)  # not a key: the table's other keys are the strategy's params
 
 
 @attrs.frozen
 class LossChoice:
     """A loss term: ``hid = 0.01`` or ``pred = {weight = 1.0, temperature = 2.0}``."""
 
-    weight: float
-    params: dict[str, Any] = attrs.Factory(dict)
+    weight: float  # the term's factor in the stage's loss; 0 turns the term off
+    params: dict[str, Any] = attrs.Factory(dict)  # not a key: the table's other keys are the term's params
 
 
 @attrs.frozen
 class Stage:
-    name: str = "distil"
-    epochs: int = bounded(1, ge=0)
+    name: str = "distil"  # names the stage in logs, summaries, checkpoints and best-NAME.pt
+    epochs: int = bounded(1, ge=0)  # passes over the training data (max_steps can cut them short)
     max_steps: int = bounded(0, ge=0)  # > 0 stops the stage after this many steps
-    lr: float = bounded(3e-5, gt=0)
-    batch_size: int = bounded(32, gt=0)
-    eval_batch_size: int = bounded(64, gt=0)
-    schedule: Literal["constant", "linear"] = "constant"
-    warmup_ratio: float = bounded(0.0, ge=0, lt=1)
-    weight_decay: float = bounded(0.01, ge=0)
+    lr: float = bounded(3e-5, gt=0)  # AdamW's peak learning rate
+    batch_size: int = bounded(32, gt=0)  # training examples per step (split over processes when launched)
+    eval_batch_size: int = bounded(64, gt=0)  # dev examples per forward at this stage's evaluations
+    schedule: Literal["constant", "linear"] = "constant"  # the learning rate after warmup: kept, or decayed to 0
+    warmup_ratio: float = bounded(0.0, ge=0, lt=1)  # share of the stage's steps with a linear warmup from 0
+    weight_decay: float = bounded(0.01, ge=0)  # AdamW's, on every weight but biases and LayerNorm
     grad_clip: float = bounded(1.0, ge=0)  # 0 turns clipping off
     eval_every: int = bounded(50, ge=0)  # steps; 0 evaluates at the end of each epoch only
-    select: Literal["best", "last"] = "best"
+    select: Literal["best", "last"] = "best"  # the model the stage ends with: best main dev metric, or the last step's
     log_every: int = bounded(10, gt=0)  # train records and layer weights every N steps
     checkpoint_every: int = bounded(50, ge=0)  # steps; 0 checkpoints only at evaluations
-    nonfinite: Literal["stop", "skip"] = "stop"
-    mapping: StrategyChoice | None = None
-    weighting: StrategyChoice | None = None
-    losses: dict[str, LossChoice] = attrs.Factory(lambda: {"hard": LossChoice(1.0)})
+    nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop the run (exit 1), or skip that step
+    mapping: StrategyChoice | None = None  # which student layer learns from which teacher layers (Strategies)
+    weighting: StrategyChoice | None = None  # how the layer weights change as training goes (Strategies)
+    losses: dict[str, LossChoice] = attrs.Factory(lambda: {"hard": LossChoice(1.0)})  # term = weight, or a table with weight and params
 
 
 @attrs.frozen
@@ -99,18 +99,18 @@ class ModelSpec:
     model's (the teacher's for students).
     """
 
-    init: Literal["pretrained", "config", "teacher-layers"] = "pretrained"
-    model: str = path_field("location")
-    tokenizer: str = path_field("location")
-    layers: list[int] = attrs.Factory(list)
-    config: dict[str, Any] = attrs.Factory(dict)
+    init: Literal["pretrained", "config", "teacher-layers"] = "pretrained"  # how the model is made (above)
+    model: str = path_field("location")  # a directory, a hub id or SCHEME:... (init = "pretrained")
+    tokenizer: str = path_field("location")  # like model; empty: the model's (for a student, the teacher's)
+    layers: list[int] = attrs.Factory(list)  # 0-indexed teacher layers to keep (init = "teacher-layers")
+    config: dict[str, Any] = attrs.Factory(dict)  # config keys to set (init = "config"; a student's start from the teacher's)
 
 
 @attrs.frozen
 class TeacherSpec(ModelSpec):
     """The teacher, fine-tuned on the task by ``train`` (omit ``train`` for a finished one)."""
 
-    train: Stage | None = None
+    train: Stage | None = None  # the teacher's fine-tuning stage (labels only); omit for a finished teacher
     seed: int = 42  # the teacher's own seed, so student seeds share one fine-tuned teacher
 
 
@@ -119,11 +119,11 @@ class DataSpec:
     """``[data]``: the task and how much of it. The data source's own keys (GLUE's ``glue_dir``)
     sit beside these in the same table; the source's plugin declares them (see Data sources)."""
 
-    task: str = "mrpc"
+    task: str = "mrpc"  # a registered task (Data sources lists them)
     source: str = ""  # the data source; empty: the one that registered the task
-    max_length: int = bounded(128, gt=0, le=4096)
+    max_length: int = bounded(128, gt=0, le=4096)  # tokens per example, longer ones truncated
     train_limit: int = bounded(0, ge=0)  # > 0 keeps the first N training examples
-    dev_limit: int = bounded(0, ge=0)
+    dev_limit: int = bounded(0, ge=0)  # > 0 keeps the first N dev examples
     cache_dir: str = path_field("dir")  # tokenisation/teacher cache; empty: ~/.cache/kdframe
     # The source's keys: as written until the recipe is loaded with the plugins, then the source's params object.
     params: Any = attrs.field(factory=dict, metadata={"source_params": True})
@@ -138,23 +138,23 @@ class TeacherCacheSpec:
     keeps them under ``<cache>/teacher-features/<key>/`` for later runs and ablation cells.
     """
 
-    enabled: bool = False
+    enabled: bool = False  # cache the teacher's features per training example
     max_bytes: int = bounded(4_000_000_000, ge=0)  # past this, the rest is computed live
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    storage: Literal["memory", "disk"] = "memory"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # the storage dtype (above)
+    storage: Literal["memory", "disk"] = "memory"  # this process only, or on disk for later runs
 
 
 @attrs.frozen
 class Recipe:
-    data: DataSpec
-    teacher: TeacherSpec
-    student: ModelSpec
-    stages: list[Stage]
-    name: str = "run"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    teacher_cache: TeacherCacheSpec = attrs.Factory(TeacherCacheSpec)
+    data: DataSpec  # the task and its data
+    teacher: TeacherSpec  # the model distilled from
+    student: ModelSpec  # the model trained
+    stages: list[Stage]  # the student's training stages, in order
+    name: str = "run"  # names the run directory (runs/NAME-TIME) and reports
+    seed: int = 42  # the student's seed: initialisation, dropout, data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
+    teacher_cache: TeacherCacheSpec = attrs.Factory(TeacherCacheSpec)  # reuse the teacher's features
 
 
 # -- structuring ------------------------------------------------------------------------
@@ -530,7 +530,20 @@ def resolve_stage(stage: Stage, registry: Registry, path: str) -> tuple[Resolved
         problems.append(f"{path}.losses: no loss term has a non-zero weight; known terms: {', '.join(registry.names('loss'))}")
     if stage.weighting is not None and stage.mapping is None:  # not when the mapping is given but invalid
         problems.append(f"{path}.weighting: a weighting needs a mapping; set {path}.mapping")
+    if mapping is not None and weighting is not None:
+        problems += _marginal_problems(registry.get("mapping", mapping.name), registry.get("weighting", weighting.name),
+                                       path)
     return ResolvedStage(stage, mapping, weighting, losses), problems
+
+
+def _marginal_problems(mapping: Strategy, weighting: Strategy, path: str) -> list[str]:
+    """A weighting that divides by the flows' marginals is misled by a mapping that reads the layer
+    weights without keeping them as its flows' marginals."""
+    if not weighting.needs_marginals or mapping.keeps_marginals or mapping.fixed:
+        return []
+    return [f"{path}.weighting: {weighting.name!r} needs flows whose row and column sums are the layer weights,"
+            f" and mapping {mapping.name!r} (plugin {mapping.plugin!r}) does not keep them (keeps_marginals=False);"
+            " use weighting \"uniform\" or none with this mapping"]
 
 
 def resolve_stages(recipe: Recipe, registry: Registry) -> tuple[list[ResolvedStage], ResolvedStage | None, list[str]]:

@@ -31,7 +31,10 @@ class Strategy:
 
     ``needs`` names the features (``kdframe.types.FEATURES``) it reads from both models;
     ``keeps_marginals`` says whether a mapping's flow has the layer weights as marginals;
-    ``student_only`` marks a loss term that needs no teacher at all (hard labels).
+    ``fixed`` marks a mapping whose flow depends on neither the costs nor the weights (a fixed
+    plan of layer pairs); ``needs_marginals`` marks a weighting that divides by the flows'
+    marginals, so it needs a mapping that keeps them (or a fixed one, whose weights it cannot
+    mislead); ``student_only`` marks a loss term that needs no teacher at all (hard labels).
     """
 
     slot: str
@@ -42,6 +45,8 @@ class Strategy:
     description: str = ""
     keeps_marginals: bool = True
     student_only: bool = False
+    fixed: bool = False
+    needs_marginals: bool = False
 
 
 @attrs.frozen
@@ -110,6 +115,8 @@ class Registry:
         description: str = "",
         keeps_marginals: bool = True,
         student_only: bool = False,
+        fixed: bool = False,
+        needs_marginals: bool = False,
     ) -> Strategy:
         """Register the strategy ``name`` in ``slot`` (mapping, weighting or loss)."""
         if slot not in self._strategies:
@@ -121,7 +128,8 @@ class Registry:
         if unknown:
             raise PluginError(f"plugin {plugin!r}: {slot} strategy {name!r} needs unknown features"
                               f" {sorted(unknown)}; known: {', '.join(FEATURES)}")
-        strategy = Strategy(slot, name, params, plugin, frozenset(needs), description, keeps_marginals, student_only)
+        strategy = Strategy(slot, name, params, plugin, frozenset(needs), description, keeps_marginals, student_only,
+                            fixed, needs_marginals)
         self._strategies[slot][name] = strategy
         return strategy
 

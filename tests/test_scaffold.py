@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from kdframe.cli import main
 from kdframe.errors import KdframeError
 from kdframe.scaffold import new_plugin, plugin_names
@@ -25,8 +25,8 @@ def package(tmp_path_factory):
 
 def test_layout_and_imports(package):
     files = sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file())
-    assert files == ["README.md", "kdframe_soft_min/__init__.py", "pyproject.toml", "recipes/smoke.toml",
-                     "tests/test_soft_min.py"]
+    assert files == ["README.md", "data/glue/MRPC/dev.tsv", "data/glue/MRPC/train.tsv", "kdframe_soft_min/__init__.py",
+                     "pyproject.toml", "recipes/smoke.toml", "tests/test_soft_min.py"]
     assert 'soft_min = "kdframe_soft_min"' in (package / "pyproject.toml").read_text()
     for path in ("kdframe_soft_min/__init__.py", "tests/test_soft_min.py"):
         imported = re.findall(r"^from (kdframe\S*) import", (package / path).read_text(), re.M)
@@ -35,20 +35,33 @@ def test_layout_and_imports(package):
 
 def test_generated_test_passes(package):
     env = dict(os.environ, PYTHONPATH=str(package))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(package / "tests")],
                             cwd=package, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 passed" in result.stdout
 
 
-def test_generated_recipe_validates(package):
+def test_generated_recipe_validates_offline(package, tmp_path):
+    """As written, from another directory, with the hub out of reach and an empty cache."""
     recipe = package / "recipes" / "smoke.toml"
-    result = subprocess.run(
-        [sys.executable, "-m", "kdframe.cli", "validate", str(recipe), "-p", "kdframe_soft_min",
-         "--set", f"data.glue_dir={ROOT / 'data' / 'glue'}"],
-        env=dict(os.environ, PYTHONPATH=str(package)), capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(package), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               KDFRAME_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "kdframe.cli", "validate", str(recipe), "-p", "kdframe_soft_min"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "mapping soft-min" in result.stdout and "recipe is valid" in result.stdout
+    assert "task mrpc: 64 train / 32 dev examples" in result.stdout
+    assert "mapping soft-min, weighting none," in result.stdout and "recipe is valid" in result.stdout
+
+
+def test_its_mapping_with_cost_attention_is_refused_at_validate(package):
+    """soft-min does not keep the layer weights as marginals; cost attention divides by them."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kdframe.cli", "validate", str(package / "recipes" / "smoke.toml"), "-p", "kdframe_soft_min",
+         "--set", 'stages[0].weighting.strategy="cost-attention"'],
+        env=dict(os.environ, PYTHONPATH=str(package)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("stages[0].weighting: 'cost-attention' needs flows whose row and column sums are the layer weights,"
+            " and mapping 'soft-min' (plugin 'kdframe_soft_min') does not keep them") in result.stderr
 
 
 def test_existing_directory_is_refused(package, capsys):
