@@ -161,12 +161,14 @@ def kdframe_compute_metrics(task: TaskInfo, predictions: Any, labels: Any) -> di
 
 @hookspec(firstresult=True)
 def kdframe_load_model(
-    role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str
+    role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str, cache_dir: str
 ) -> LoadedModel | None:
     """Load or build the ``teacher`` or ``student`` model described by ``spec``.
 
     For the student, ``teacher`` is the loaded teacher (a student may be built from its layers).
-    ``base_dir`` is the recipe's directory, against which relative paths resolve. Answer only for
+    ``base_dir`` is the recipe's directory, against which relative paths resolve; ``cache_dir``
+    is kdframe's cache directory (keep what you unpack or convert in a folder of your own under
+    it). Set ``LoadedModel.features`` to what you can extract from the model. Answer only for
     the models you load (a scheme you registered with ``add_model_source``, say): the bundled
     Hugging Face loader takes everything else.
 

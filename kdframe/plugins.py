@@ -107,9 +107,9 @@ class PluginHost:
 
     # -- models and data ----------------------------------------------------------------------
     def load_model(self, role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None,
-                   base_dir: str) -> LoadedModel:
+                   base_dir: str, cache_dir: str) -> LoadedModel:
         return self._first("kdframe_load_model", f"a loader for {role} init {spec.init!r}", role=role, spec=spec,
-                           task=task, teacher=teacher, base_dir=base_dir)
+                           task=task, teacher=teacher, base_dir=base_dir, cache_dir=cache_dir)
 
     def load_data(self, data: Any, task: TaskInfo, split: str, tokenizer: Any, cache_dir: str) -> TokenizedSplit:
         return self._first("kdframe_load_data", f"data for task {task.name!r}", data=data, task=task, split=split,

@@ -40,14 +40,14 @@ def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
     return attrs.field(default=default, metadata={"bounds": (gt, ge, le, lt)})
 
 
-def path_field(kind: Literal["dir", "location"], default: str = "") -> Any:
+def path_field(kind: Literal["dir", "location"], default: str = "", literals: tuple[str, ...] = ()) -> Any:
     """A string field holding a path, made absolute against the recipe that set it.
 
     ``"dir"``: always a local path. ``"location"``: a local path when it exists or looks like one
     (``.``, ``/``, ``~``), else an identifier left as written (a hub id, or ``scheme:...`` of a
-    registered model source).
+    registered model source). ``literals`` are words with a meaning of their own, never paths.
     """
-    return attrs.field(default=default, metadata={"path": kind})
+    return attrs.field(default=default, metadata={"path": kind, "literals": literals})
 
 
 @attrs.frozen
@@ -101,7 +101,7 @@ class ModelSpec:
 
     init: Literal["pretrained", "config", "teacher-layers"] = "pretrained"  # how the model is made (above)
     model: str = path_field("location")  # a directory, a hub id or SCHEME:... (init = "pretrained")
-    tokenizer: str = path_field("location")  # like model; empty: the model's (for a student, the teacher's)
+    tokenizer: str = path_field("location", literals=("teacher",))  # like model; "teacher": the teacher's; empty: the model's, else the teacher's
     layers: list[int] = attrs.Factory(list)  # 0-indexed teacher layers to keep (init = "teacher-layers")
     config: dict[str, Any] = attrs.Factory(dict)  # config keys to set (init = "config"; a student's start from the teacher's)
 
@@ -439,7 +439,7 @@ def _resolve_paths(obj: Any, prefix: tuple[str, ...], origins: Origins, default:
     for field in attrs.fields(type(obj)):
         value = getattr(obj, field.name)
         key = (*prefix, field.name)
-        if field.metadata.get("path") and isinstance(value, str):
+        if field.metadata.get("path") and isinstance(value, str) and value not in field.metadata["literals"]:
             changes[field.name] = _resolve(value, field.metadata["path"], origins.get(key, default))
         elif field.metadata.get("source_params") and attrs.has(type(value)):
             changes[field.name] = _resolve_paths(value, prefix, origins, default)  # flat in [data]

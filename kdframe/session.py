@@ -59,11 +59,13 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
     task = host.registry.task(recipe.data.task).info
     session = Session(recipe, Path(recipe_path).resolve(), host, loaded.stages, loaded.teacher_stage, task)
     checkpoint.seed_everything(recipe.seed)  # random-init models must not depend on what ran before
-    base_dir = str(session.recipe_path.parent)
-    session.teacher = host.load_model("teacher", recipe.teacher, task, None, base_dir)
-    session.student = host.load_model("student", recipe.student, task, session.teacher, base_dir)
+    base_dir, cache_dir = str(session.recipe_path.parent), str(cache_root(recipe.data))
+    session.teacher = host.load_model("teacher", recipe.teacher, task, None, base_dir, cache_dir)
+    session.student = host.load_model("student", recipe.student, task, session.teacher, base_dir, cache_dir)
+    problems = feature_problems(session)
+    if problems:
+        raise RecipeError(problems, source=str(session.recipe_path))
     if load_data:
-        cache_dir = str(cache_root(recipe.data))
         session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)
         session.dev = host.load_data(recipe.data, task, "dev", session.student.tokenizer, cache_dir)
     return session
@@ -73,3 +75,31 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+FEATURE_NAMES = {"attn": "attention scores", "hidden": "hidden states", "logits": "logits"}
+
+
+def feature_problems(session: Session) -> list[str]:
+    """What the stages read that a model cannot give (a family without attention capture), each
+    naming the stage's term (or strategy), the model and the terms that would work with both."""
+    registry = session.host.registry
+    models = {"teacher": session.teacher, "student": session.student}
+    both = session.teacher.features & session.student.features
+    workable = ", ".join(s.name for s in registry.all() if s.slot == "loss" and s.needs <= both) or "(none)"
+    problems = []
+    for i, stage in enumerate(session.stages):
+        if not stage.needs_teacher(registry):
+            continue
+        chosen = [("mapping", "mapping", stage.mapping), ("weighting", "weighting", stage.weighting),
+                  *((f"losses.{name}", "loss", choice) for name, choice in stage.losses.items())]
+        for where, slot, choice in chosen:
+            if choice is None:
+                continue
+            for feature in sorted(registry.get(slot, choice.name).needs):
+                for role, loaded in models.items():
+                    if feature not in loaded.features:
+                        problems.append(f"stages[{i}].{where}: {choice.name!r} reads {FEATURE_NAMES[feature]}, which"
+                                        f" the {role} does not give ({loaded.description}); terms that work with"
+                                        f" these models: {workable}")
+    return problems

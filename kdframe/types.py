@@ -87,7 +87,12 @@ class TokenizedSplit:
 
 @attrs.define
 class LoadedModel:
-    """A model with its tokenizer and a one-line description of where it came from."""
+    """A model with its tokenizer and a one-line description of where it came from.
+
+    ``features`` are those of ``FEATURES`` its loader can extract from it (a family whose
+    attention scores cannot be captured gives logits and hidden states only); a recipe whose
+    stages read more is refused before training, naming the terms.
+    """
 
     model: torch.nn.Module
     tokenizer: Any
@@ -96,6 +101,7 @@ class LoadedModel:
     hidden_size: int
     num_heads: int
     vocab_size: int
+    features: frozenset[str] = frozenset(FEATURES)
 
 
 @attrs.frozen

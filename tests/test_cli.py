@@ -134,3 +134,18 @@ def test_commands_that_train_nothing_import_no_heavy_package(args, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     last = done.stdout.strip().splitlines()[-1]
     assert last == f"{2 if args[0] == 'validate' else 0} []", done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_flow_tables_of_a_12_layer_teacher_stay_readable_when_piped():
+    from conftest import run_cli
+
+    result = run_cli("validate", SMOKE, "--set", "teacher.config.num_hidden_layers=12",
+                     "--set", "student.layers=[2, 5, 8, 11]")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("initial att flow (student layer x teacher layer), first dev batch:\n", 1)[1]
+    header, *rows = table.splitlines()[:5]
+    assert header.split() == ["S\\T", *map(str, range(1, 13))]
+    for i, row in enumerate(rows, 1):
+        cells = row.split()
+        assert len(cells) == 13 and cells[0] == str(i) and "…" not in row and len(row) <= 80
+        assert abs(sum(float(c) for c in cells[1:] if c != ".") - 0.25) < 5e-3  # its weight, to 3 decimals a cell

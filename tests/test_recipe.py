@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import read_recipe
+from conftest import ROOT, read_recipe
 from kdframe.errors import RecipeError
 from kdframe.recipe import Recipe, apply_override, resolve_stages, structure
 
@@ -111,6 +111,8 @@ def test_relative_paths_resolve_against_the_recipe_that_sets_them(tmp_path):
     assert top.data.params.glue_dir == recipe.data.params.glue_dir  # anchored at the base recipe
     assert top.teacher.tokenizer == str((tmp_path / "glue").resolve())
     assert top.data.cache_dir == str((tmp_path / "sub" / "mine").resolve())  # set by the top recipe
+    (tmp_path / "sub" / "teacher").mkdir()  # a directory named like the literal: still the literal
+    assert read_recipe(tmp_path / "sub" / "top.toml", 'student.tokenizer="teacher"').recipe.student.tokenizer == "teacher"
     overridden = read_recipe(tmp_path / "sub" / "top.toml", 'data.glue_dir="x"').recipe
     assert overridden.data.params.glue_dir == str((tmp_path / "sub" / "x").resolve())  # --set: the recipe's own
 
@@ -136,3 +138,14 @@ def test_unknown_mapping_lists_known_ones(make_host):
     recipe, _ = structure({**BASE, "stages": [{"mapping": {"strategy": "emdd"}, "losses": {"pred": 1.0}}]}, Recipe)
     _, _, problems = resolve_stages(recipe, host.registry)
     assert problems == ["stages[0].mapping: unknown mapping strategy 'emdd'; known: emd, one-to-one, pkd, uniform"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(path):
+    """Without loading models (the 12-layer teacher is an optional install): the schema, the
+    strategies' params and the data source's keys. Grids and the bases that recipes extend (no
+    [[stages]] of their own) are not run on their own."""
+    text = path.read_text()
+    if "[axes]" in text or "[[stages]]" not in text:
+        pytest.skip("an ablation grid or a base recipe")
+    assert read_recipe(path).problems == []

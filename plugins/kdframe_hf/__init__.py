@@ -27,10 +27,11 @@ def kdframe_register(registry: Registry) -> None:
 # The three model hooks take any transformers model: trylast, so that a plugin for a particular
 # model (or a scheme of its own) answers first whatever order it was installed in.
 @hookimpl(trylast=True)
-def kdframe_load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str) -> LoadedModel:
+def kdframe_load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
+                       cache_dir: str) -> LoadedModel:
     from kdframe_hf.models import load_model
 
-    return load_model(role, spec, task, teacher, base_dir)
+    return load_model(role, spec, task, teacher, base_dir, cache_dir)
 
 
 @hookimpl(trylast=True)

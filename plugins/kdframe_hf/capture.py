@@ -1,17 +1,27 @@
-"""Feature capture: logits, hidden states and pre-softmax attention scores of BERT-like models.
+"""Feature capture: logits, hidden states and pre-softmax attention scores of encoder models.
 
 transformers only exposes attention *probabilities* (``output_attentions``); distillation needs
-the scores before the softmax (docs/method.md section 1). A capturing forward therefore runs under
-an attention implementation registered here, ``kdframe_capture``: eager attention that also
-records ``QK^T/sqrt(d_head) + mask`` of every layer. The model keeps its own implementation
-(normally sdpa) for every other forward; ``capturing`` swaps ours in for one call only.
+the scores before the softmax (docs/method.md section 1). How to get them depends on the family:
+
+- families whose attention goes through transformers' ``AttentionInterface`` (BERT, RoBERTa,
+  XLM-R, ELECTRA, DistilBERT, ALBERT, ModernBERT, ...) run a capturing forward under an
+  implementation registered here, ``kdframe_capture``: eager attention that also records
+  ``QK^T/sqrt(d_head) + mask`` of every layer. The model keeps its own implementation (normally
+  sdpa) for every other forward; ``interface_capture`` swaps ours in for one call only;
+- families that compute attention in their own code (MPNet, DeBERTa-v2) get an adapter:
+  ``softmax_capture`` records the input of the softmax their self-attention modules apply, which
+  is the masked pre-softmax score matrix, without changing any computation;
+- any other family: ``register_capture(model_type, adapter)`` adds one (a plugin for a family of
+  its own calls it at import); without a route a model still gives logits and hidden states.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -26,7 +36,7 @@ CAPTURE = "kdframe_capture"
 #: below this is the mask, never a real score.
 MASKED = -100.0
 
-# The list the running capture appends to; outside ``capturing`` it is None and
+# The list the running capture appends to; outside ``interface_capture`` it is None and
 # ``capture_attention`` is plain eager attention.
 _scores: ContextVar[list[torch.Tensor] | None] = ContextVar("kdframe_hf_scores", default=None)
 
@@ -49,10 +59,7 @@ def capture_attention(
         scores = scores + attention_mask
     recorded = _scores.get()
     if recorded is not None:
-        # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md 8.1).
-        # The recorded tensor keeps its graph: the student's attention loss backpropagates here.
-        kept = scores if attention_mask is None else scores.masked_fill(attention_mask <= MASKED, 0.0)
-        recorded.append(kept)
+        recorded.append(scores if attention_mask is None else _masked_to_zero(scores))
     weights = nn.functional.softmax(scores, dim=-1)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -65,8 +72,19 @@ AttentionInterface.register(CAPTURE, capture_attention)
 AttentionMaskInterface.register(CAPTURE, eager_mask)
 
 
+#: A capture route: given a model, a context in which its forwards record every layer's masked
+#: pre-softmax scores (B, heads, L, L) into the list it yields, in layer order.
+CaptureAdapter = Callable[[PreTrainedModel], ContextManager[list[torch.Tensor]]]
+
+
+def _masked_to_zero(scores: torch.Tensor) -> torch.Tensor:
+    # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md 8.1).
+    # The recorded tensor keeps its graph: the student's attention loss backpropagates here.
+    return scores.masked_fill(scores <= MASKED, 0.0)
+
+
 @contextlib.contextmanager
-def capturing(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+def interface_capture(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
     """Run the forwards inside under ``kdframe_capture``; yields the list the scores go to.
 
     The implementation is read from the (shared) config at every forward, so switching it is a
@@ -83,6 +101,74 @@ def capturing(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         _scores.reset(token)
 
 
+# -- families with attention code of their own --------------------------------------------------
+
+_softmax = torch.nn.functional.softmax
+# The list the attention module running now records into, until its first softmax over keys.
+_pending: ContextVar[list[torch.Tensor] | None] = ContextVar("kdframe_hf_pending", default=None)
+
+
+def _recording_softmax(input: torch.Tensor, dim: int | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    target = _pending.get()
+    if target is not None and dim is not None and dim in (-1, input.dim() - 1):
+        _pending.set(None)  # one score matrix per attention call
+        target.append(_masked_to_zero(input))
+    return _softmax(input, dim, *args, **kwargs)
+
+
+def softmax_capture(*attention_classes: str) -> CaptureAdapter:
+    """An adapter for families whose self-attention modules (the classes named) compute
+    ``softmax(scores + mask)`` in their own code: while such a module runs, the first softmax over
+    the last dimension records its input. Nothing is recomputed, so the model's outputs, and
+    dropout's random numbers, are what they would be without the capture."""
+
+    @contextlib.contextmanager
+    def capture(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+        scores: list[torch.Tensor] = []
+        modules = [m for m in model.modules() if type(m).__name__ in attention_classes]
+
+        def start(module: nn.Module, args: Any) -> None:
+            _pending.set(scores)
+
+        def end(module: nn.Module, args: Any, output: Any) -> None:
+            _pending.set(None)
+
+        handles = [h for m in modules for h in (m.register_forward_pre_hook(start), m.register_forward_hook(end))]
+        torch.nn.functional.softmax = _recording_softmax
+        try:
+            yield scores
+        finally:
+            torch.nn.functional.softmax = _softmax
+            _pending.set(None)
+            for handle in handles:
+                handle.remove()
+
+    return capture
+
+
+_ADAPTERS: dict[str, CaptureAdapter] = {
+    "mpnet": softmax_capture("MPNetSelfAttention"),
+    "deberta-v2": softmax_capture("DisentangledSelfAttention"),
+}
+
+
+def register_capture(model_type: str, adapter: CaptureAdapter) -> None:
+    """Make the attention scores of ``model_type`` models capturable (for a plugin adding a family)."""
+    if model_type in _ADAPTERS:
+        raise ModelError(f"a capture adapter for model type {model_type!r} is registered already")
+    _ADAPTERS[model_type] = adapter
+
+
+def capture_route(model: PreTrainedModel) -> CaptureAdapter | None:
+    """How to capture ``model``'s attention scores: its family's adapter, the AttentionInterface
+    swap when its modeling code dispatches attention through transformers' registry, else None."""
+    adapter = _ADAPTERS.get(model.config.model_type)
+    if adapter is not None:
+        return adapter
+    modeling = sys.modules.get(type(model).__module__)
+    return interface_capture if modeling is not None and "ALL_ATTENTION_FUNCTIONS" in vars(modeling) else None
+
+
 def extract_features(model: PreTrainedModel, batch: dict[str, torch.Tensor], needs: frozenset[str]) -> Features:
     """One forward of ``model`` on ``batch``; hidden states and scores only when ``needs`` asks."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -90,13 +176,21 @@ def extract_features(model: PreTrainedModel, batch: dict[str, torch.Tensor], nee
     if getattr(model.config, "type_vocab_size", 0) > 1:
         inputs["token_type_ids"] = batch["token_type_ids"]
     want_attn = "attn" in needs
-    with capturing(model) if want_attn else contextlib.nullcontext([]) as scores:
-        output = model(**inputs, output_hidden_states="hidden" in needs)
+    route = capture_route(model) if want_attn else None
+    if want_attn and route is None:
+        raise ModelError(f"{model.config.model_type} models give no attention scores to kdframe: their attention"
+                         " is neither dispatched through transformers' AttentionInterface nor covered by a capture"
+                         " adapter (kdframe_hf.capture.register_capture)")
+    try:
+        with route(model) if want_attn else contextlib.nullcontext([]) as scores:
+            output = model(**inputs, output_hidden_states="hidden" in needs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model cannot run on such a batch
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelError(f"a {model.config.model_type} model's forward failed on a batch of {tuple(inputs['input_ids'].shape)}"
+                         f" token ids: {type(exc).__name__}: {first}") from exc
     if want_attn and len(scores) != model.config.num_hidden_layers:
-        raise ModelError(
-            f"captured attention scores of {len(scores)} layers, expected {model.config.num_hidden_layers}:"
-            f" {type(model).__name__} does not route its attention through transformers' AttentionInterface"
-        )
+        raise ModelError(f"captured attention scores of {len(scores)} layers, expected {model.config.num_hidden_layers}"
+                         f" ({type(model).__name__})")
     logits = output.logits.squeeze(-1) if model.config.num_labels == 1 else output.logits
     return Features(
         logits=logits,

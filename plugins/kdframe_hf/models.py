@@ -1,4 +1,5 @@
-"""Loading BERT-like models: pretrained, randomly initialised from a config, or teacher layers."""
+"""Loading encoder models of any transformers family: pretrained, randomly initialised from a
+config, or a student cut from the teacher's layers."""
 
 from __future__ import annotations
 
@@ -10,29 +11,30 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from kdframe.api import LoadedModel, ModelError, TaskInfo
+from kdframe.api import FEATURES, LoadedModel, ModelError, TaskInfo
+from kdframe_hf.capture import capture_route
 from kdframe_hf.sources import is_local, resolve_source
 from kdframe_hf.tokenizer import has_tokenizer, load_tokenizer
 
-#: Model types whose self-attention goes through transformers' AttentionInterface (so scores
-#: can be captured), with the base-model attribute holding the ``layer`` list.
-SUPPORTED = {"bert": "encoder", "roberta": "encoder", "xlm-roberta": "encoder", "electra": "encoder",
-             "distilbert": "transformer"}
+#: ``tokenizer = "teacher"``: the student tokenises with the teacher's tokenizer, whatever its own
+#: directory ships.
+TEACHER_TOKENIZER = "teacher"
 
 
-def load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str) -> LoadedModel:
+def load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
+               cache_dir: str) -> LoadedModel:
     """Build the ``role`` model from its spec (see ``kdframe.recipe.ModelSpec``)."""
     if spec.init == "teacher-layers":
         if teacher is None:
             raise ModelError(f"{role}: init = 'teacher-layers' needs a teacher (it is for the student only)")
-        loaded = _from_teacher_layers(role, spec, teacher, base_dir)
+        loaded = _from_teacher_layers(role, spec, teacher, base_dir, cache_dir)
     elif spec.init == "config":
-        loaded = _from_config(role, spec, task, teacher, base_dir)
+        loaded = _from_config(role, spec, task, teacher, base_dir, cache_dir)
     else:
-        loaded = _pretrained(role, spec, task, teacher, base_dir)
+        loaded = _pretrained(role, spec, task, teacher, base_dir, cache_dir)
     if len(loaded.tokenizer) > loaded.vocab_size:
         raise ModelError(f"{role}: the tokenizer has {len(loaded.tokenizer)} tokens but the model's vocab_size is"
                          f" {loaded.vocab_size}; token ids would fall outside the embedding")
@@ -41,16 +43,34 @@ def load_model(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None
     return loaded
 
 
-def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str) -> LoadedModel:
+def _tokenizer(role: str, spec: Any, teacher: LoadedModel | None, base_dir: str, cache_dir: str,
+               source: str | None = None) -> Any:
+    """The recipe's tokenizer (``"teacher"``: the teacher's), else the model directory's own, else
+    (for a student) the teacher's."""
+    if spec.tokenizer == TEACHER_TOKENIZER:
+        if teacher is None:
+            raise ModelError(f"{role}.tokenizer = \"teacher\": only a student can use the teacher's tokenizer")
+        return teacher.tokenizer
+    if spec.tokenizer:
+        return load_tokenizer(spec.tokenizer, base_dir, cache_dir)
+    if source is not None and has_tokenizer(source):
+        return load_tokenizer(source, base_dir, cache_dir)
+    if teacher is not None:
+        return teacher.tokenizer
+    where = f"{source} has no tokenizer" if source else "init = 'config' needs a tokenizer"
+    raise ModelError(f"{role}: {where}; set {role}.tokenizer (a model directory, a hub id, or 'builtin:chars')")
+
+
+def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
+                cache_dir: str) -> LoadedModel:
     if not spec.model:
         raise ModelError(f"{role}.model is empty: give a model directory, a hub id or package:NAME")
-    source = resolve_source(spec.model, base_dir)
+    source = resolve_source(spec.model, base_dir, cache_dir)
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # a bad directory or hub id is bad input, whatever transformers raises
         where = "" if is_local(source) else f" (no directory of that name under {base_dir}, so tried as a hub id)"
         raise ModelError(f"cannot load model {source!r}{where}: {type(exc).__name__}: {exc}") from exc
-    check_supported(config, source)
     trained_labels = config.num_labels if any("SequenceClassification" in a for a in config.architectures or ()) else None
     if trained_labels not in (None, task.num_labels):
         raise ModelError(f"{source} has a classifier with {trained_labels} labels, but task {task.name} has {task.num_labels}")
@@ -62,44 +82,67 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
                 source, config=config, dtype=torch.float32, output_loading_info=True)
     except Exception as exc:
         raise ModelError(f"cannot load model weights from {source!r}: {type(exc).__name__}: {exc}") from exc
-    if spec.tokenizer:
-        tokenizer = load_tokenizer(spec.tokenizer, base_dir)
-    elif has_tokenizer(source):
-        tokenizer = load_tokenizer(source, base_dir)
-    elif teacher is not None:
-        tokenizer = teacher.tokenizer
-    else:
-        raise ModelError(f"{role}: {source} has no tokenizer; set {role}.tokenizer")
+    tokenizer = _tokenizer(role, spec, teacher, base_dir, cache_dir, source)
     # A checkpoint without a task head (e.g. a plain BertModel) gets a fresh one: expected, so it
     # goes into the description instead of transformers' warning.
     missing = sorted(info["missing_keys"])
     return _loaded(model, tokenizer, f"pretrained {source}", f"; newly initialised: {', '.join(missing)}" if missing else "")
 
 
-def _from_config(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str) -> LoadedModel:
-    if spec.tokenizer:
-        tokenizer = load_tokenizer(spec.tokenizer, base_dir)
-    elif teacher is not None:
-        tokenizer = teacher.tokenizer
-    else:
-        raise ModelError(f"{role}: init = 'config' needs {role}.tokenizer (e.g. 'builtin:chars' or a model directory)")
-    # Unset keys come from the teacher, so a student only names what it changes (e.g. layers).
-    config = copy.deepcopy(teacher.model.config) if teacher is not None else BertConfig(vocab_size=len(tokenizer))
-    valid = config_keys(config)
-    unknown = sorted(set(spec.config) - valid)
+def _from_config(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
+                 cache_dir: str) -> LoadedModel:
+    tokenizer = _tokenizer(role, spec, teacher, base_dir, cache_dir)
+    keys = dict(spec.config)
+    family = keys.pop("model_type", None)
+    if teacher is not None and family not in (None, teacher.model.config.model_type):
+        raise ModelError(f"{role}.config.model_type: {family!r}; a student built from a config is of the"
+                         f" teacher's family ({teacher.model.config.model_type!r}): leave model_type out")
+    # A student's unset keys come from the teacher, so it names only what it changes (e.g. layers).
+    base = teacher.model.config if teacher is not None else _default_config(role, family or "bert")
+    valid = config_keys(base)
+    unknown = sorted(set(keys) - valid)
     if unknown:
         raise ModelError(f"{role}.config: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
     try:
-        for key, value in spec.config.items():
-            setattr(config, key, value)
+        config = _with_keys(base, keys)
+        if teacher is None:
+            _fit_tokenizer(config, tokenizer, keys)
         _set_task(config, task)
         model = AutoModelForSequenceClassification.from_config(config)
     except Exception as exc:  # type checks of the config and shape checks of the model
-        raise ModelError(f"{role}.config: cannot build a {config.model_type} model: {exc}") from exc
+        raise ModelError(f"{role}.config: cannot build a {base.model_type} model: {exc}") from exc
     return _loaded(model, tokenizer, "random init from config", "")
 
 
-def _from_teacher_layers(role: str, spec: Any, teacher: LoadedModel, base_dir: str) -> LoadedModel:
+def _default_config(role: str, family: str) -> PreTrainedConfig:
+    """The default config of ``family`` (``config.model_type`` in a recipe; BERT without one)."""
+    try:
+        return AutoConfig.for_model(family)
+    except ValueError:
+        raise ModelError(f"{role}.config.model_type: unknown model type {family!r} (transformers knows e.g. bert,"
+                         " roberta, albert, modernbert, mpnet, deberta-v2)") from None
+
+
+def _with_keys(base: PreTrainedConfig, keys: dict[str, Any]) -> PreTrainedConfig:
+    """``base`` with ``keys`` set, built anew by its class so that what derives from them follows
+    (a new layer count re-derives per-layer lists such as ModernBERT's ``layer_types``)."""
+    values = base.to_dict()
+    if {"num_hidden_layers", base.attribute_map.get("num_hidden_layers")} & set(keys):
+        n = base.num_hidden_layers
+        values = {k: v for k, v in values.items() if not (isinstance(v, list) and len(v) == n and k != "architectures")}
+    return type(base).from_dict({**values, **keys})
+
+
+def _fit_tokenizer(config: PreTrainedConfig, tokenizer: Any, keys: dict[str, Any]) -> None:
+    """A new model's vocabulary and special token ids are its tokenizer's (unless the recipe says)."""
+    config.vocab_size = keys.get("vocab_size", len(tokenizer))
+    for name in ("pad", "bos", "eos", "cls", "sep", "unk", "mask"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None and hasattr(config, f"{name}_token_id") and f"{name}_token_id" not in keys:
+            setattr(config, f"{name}_token_id", token_id)
+
+
+def _from_teacher_layers(role: str, spec: Any, teacher: LoadedModel, base_dir: str, cache_dir: str) -> LoadedModel:
     layers, n = list(spec.layers), teacher.num_layers
     if not layers:
         raise ModelError(f"{role}.layers is empty: list the 0-indexed teacher layers to keep (the teacher has {n})")
@@ -110,19 +153,40 @@ def _from_teacher_layers(role: str, spec: Any, teacher: LoadedModel, base_dir: s
     if repeated:
         raise ModelError(f"{role}.layers: {repeated} listed more than once")
     model = copy.deepcopy(teacher.model)
-    holder = getattr(model.base_model, SUPPORTED[model.config.model_type])
-    holder.layer = nn.ModuleList(holder.layer[i] for i in layers)
-    model.config.num_hidden_layers = len(layers)
+    note = keep_layers(model, layers)
     # The engine may have frozen the teacher already; the copy is the student and must train.
     model.requires_grad_(True)
-    tokenizer = load_tokenizer(spec.tokenizer, base_dir) if spec.tokenizer else teacher.tokenizer
-    return _loaded(model, tokenizer, f"teacher layers {layers} (0-indexed, embeddings and classifier copied)", "")
+    return _loaded(model, _tokenizer(role, spec, teacher, base_dir, cache_dir),
+                   f"teacher layers {layers} (0-indexed, embeddings and classifier copied{note})", "")
 
 
-def check_supported(config: PreTrainedConfig, source: str) -> None:
-    if config.model_type not in SUPPORTED:
-        raise ModelError(f"cannot capture layers of model type {config.model_type!r} ({source});"
-                         f" supported: {', '.join(SUPPORTED)}")
+def keep_layers(model: PreTrainedModel, layers: list[int]) -> str:
+    """Cut ``model`` down to its encoder layers ``layers`` (0-indexed), in place; a note for the
+    description when the cut means something special.
+
+    The layer stack is found by structure: the one ModuleList under the base model with one entry
+    per layer (``encoder.layer``, ``transformer.layer``, ``layers``...). Per-layer config lists
+    (ModernBERT's ``layer_types``) are cut alike. ALBERT has no such list: its layers share one
+    set of weights applied ``num_hidden_layers`` times, so a student of k layers applies the same
+    weights k times, whichever indices are listed.
+    """
+    config, n = model.config, model.config.num_hidden_layers
+    stacks = [(parent, name) for parent in model.base_model.modules() for name, child in parent.named_children()
+              if isinstance(child, nn.ModuleList) and len(child) == n]
+    if len(stacks) == 1:
+        parent, name = stacks[0]
+        setattr(parent, name, nn.ModuleList(getattr(parent, name)[i] for i in layers))
+        note = ""
+    elif getattr(config, "num_hidden_groups", 0) == 1:
+        note = "; ALBERT shares its layer weights: the student applies them that many times"
+    else:
+        raise ModelError(f"cannot cut layers from a {config.model_type} model: found {len(stacks)} lists of its"
+                         f" {n} layers under {type(model.base_model).__name__}; use init = 'config' for the student")
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == n and key != "architectures":
+            setattr(config, key, [value[i] for i in layers])
+    config.num_hidden_layers = len(layers)
+    return note
 
 
 def check_same_vocabulary(student: LoadedModel, teacher: LoadedModel) -> None:
@@ -135,14 +199,18 @@ def check_same_vocabulary(student: LoadedModel, teacher: LoadedModel) -> None:
     raise ModelError(
         f"student and teacher vocabularies differ (student: {len(ours)} tokens, vocab_size {student.vocab_size};"
         f" teacher: {len(theirs)} tokens, vocab_size {teacher.vocab_size}{first});"
-        " use the teacher's tokenizer for the student (leave student.tokenizer empty)")
+        " distillation compares both models on the same token ids: set student.tokenizer = \"teacher\" (the"
+        " student's embeddings must then cover the teacher's vocabulary), or give the student a model of the"
+        " teacher's vocabulary")
 
 
 def config_keys(config: PreTrainedConfig) -> set[str]:
     """The architecture keys of ``config``'s class (e.g. hidden_size), not generic ones (e.g. dtype)."""
     generic = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    own = {f.name for f in dataclasses.fields(config)} - generic
-    return own | set(config.attribute_map)  # aliases such as DistilBERT's hidden_size -> dim
+    # Fields, attributes a config sets from them (DeBERTa's pooler_hidden_size), and aliases such
+    # as DistilBERT's hidden_size -> dim.
+    own = ({f.name for f in dataclasses.fields(config)} | set(config.to_dict())) - generic
+    return {key for key in own if not key.startswith("_")} | set(config.attribute_map)
 
 
 def export_model(loaded: LoadedModel, out_dir: str, max_length: int) -> str:
@@ -187,9 +255,11 @@ def _set_task(config: PreTrainedConfig, task: TaskInfo) -> None:
 
 def _loaded(model: PreTrainedModel, tokenizer: Any, origin: str, note: str) -> LoadedModel:
     config = model.config
+    # Every family gives logits and hidden states; attention scores only with a capture route.
+    features = frozenset(FEATURES) if capture_route(model) is not None else frozenset(FEATURES) - {"attn"}
     return LoadedModel(model=model, tokenizer=tokenizer, description=f"{origin}: {_shape(config)}{note}",
                        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                       num_heads=config.num_attention_heads, vocab_size=config.vocab_size)
+                       num_heads=config.num_attention_heads, vocab_size=config.vocab_size, features=features)
 
 
 def _shape(config: PreTrainedConfig) -> str:

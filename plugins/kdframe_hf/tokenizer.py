@@ -36,13 +36,13 @@ def has_tokenizer(source: str) -> bool:
     return not is_local(source) or any((Path(source) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(value: str, base_dir: str) -> Any:
+def load_tokenizer(value: str, base_dir: str, cache_dir: str = "") -> Any:
     """``builtin:chars``, or a tokenizer directory / hub id / ``package:NAME``."""
     if value.startswith("builtin:"):
         if value not in BUILTIN:
             raise ModelError(f"unknown built-in tokenizer {value!r}; known: {', '.join(sorted(BUILTIN))}")
         return chars_tokenizer()
-    source = resolve_source(value, base_dir)
+    source = resolve_source(value, base_dir, cache_dir)
     if not has_tokenizer(source):
         raise ModelError(f"no tokenizer files in {source} (looked for {', '.join(TOKENIZER_FILES)})")
     try:
