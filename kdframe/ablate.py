@@ -56,12 +56,14 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import signal
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
+from kdframe.checkpoint import has_checkpoint
 from kdframe.errors import Interrupted, KdframeError, RunFailed
 from kdframe.grid import STATE, Cell, cell_label, grid_cells, load_grid, parse_shard, state_file_name
 from kdframe.invocation import kdframe_command
@@ -92,6 +94,8 @@ class State:
     @classmethod
     def open(cls, root: Path, name: str, resume: bool, header: dict[str, Any], cells: list[Cell]) -> "State":
         path = root / name
+        if root.exists() and not root.is_dir():
+            raise KdframeError(f"--out {root} is a file; give a directory for the ablation")
         if resume:
             if not path.is_file():
                 raise KdframeError(f"--resume: {root} holds no {name}; start the ablation without --resume")
@@ -139,13 +143,15 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
         if (run_dir / SUMMARY).is_file():  # finished, but killed before the state file said so
             summary = json.loads((run_dir / SUMMARY).read_text())
         else:
-            resume = run_dir if (run_dir / CHECKPOINT).is_file() else None
+            resume = run_dir if has_checkpoint(run_dir / CHECKPOINT) else None
             if resume is None and run_dir.exists():
                 shutil.rmtree(run_dir)  # died before its first checkpoint: nothing worth keeping
             summary = start_run(cell["recipe"], cell["overrides"], plugins, str(run_dir),
                                 str(resume) if resume else None, progress)
-    except (Interrupted, KeyboardInterrupt):
-        return {"status": "pending", "error": None, "wall_time_s": None}
+    except Interrupted as exc:
+        return {"status": "pending", "error": None, "wall_time_s": None, "interrupted_by": exc.exit_code}
+    except KeyboardInterrupt:
+        return {"status": "pending", "error": None, "wall_time_s": None, "interrupted_by": 130}
     except (KdframeError, RunFailed) as exc:
         return {"status": "failed", "error": str(exc), "wall_time_s": round(time.monotonic() - started, 2)}
     except Exception as exc:  # a crash in one cell must not stop the others
@@ -188,14 +194,32 @@ def _teacher_to_cache(cell: Cell, host: PluginHost) -> Path | None:
 
 
 def _init_worker(threads: int) -> None:
-    import signal
-
     import torch
 
-    # Ctrl-C reaches every process in the group: idle workers ignore it (a KeyboardInterrupt would
-    # break the pool); a training worker's Trainer installs its own handler and checkpoints.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process in the group, and the parent passes SIGTERM on: idle workers
+    # ignore both (a KeyboardInterrupt would break the pool); a training worker's Trainer installs
+    # its own handlers and checkpoints.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(threads)
+
+
+class Terminated:
+    """SIGTERM to the ablation's own process stops it like Ctrl-C: the running cells checkpoint
+    (their workers get the signal passed on), and the exit code says which signal it was."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.received:
+            return
+        self.received = True
+        raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGTERM if self.received else signal.SIGINT)
 
 
 # -- the ablation -------------------------------------------------------------------------------
@@ -209,17 +233,20 @@ class Ablation:
         self.plugins = plugins
         self.say = say
         self.position = {id(c): k for k, c in enumerate(state.cells, 1)}
+        self.terminated = Terminated()
+        self.exit_code = 130  # of an interruption: 143 when it came as SIGTERM
 
     def tag(self, cell: Cell) -> str:
         return f"cell {self.position[id(cell)]}/{len(self.state.cells)} [bold]{cell_label(cell)}[/bold]"
 
     def start(self, cell: Cell) -> None:
-        resumed = (self.state.root / cell["dir"] / CHECKPOINT).is_file()
+        resumed = has_checkpoint(self.state.root / cell["dir"] / CHECKPOINT)
         self.say(f"{self.tag(cell)} {'resuming from its checkpoint' if resumed else 'starting'}")
         self.state.update(cell, status="running", error=None)
 
     def finish(self, cell: Cell, outcome: dict[str, Any]) -> bool:
         """Store a cell's outcome; False when it was interrupted."""
+        self.exit_code = outcome.pop("interrupted_by", self.exit_code)
         self.state.update(cell, **outcome)
         done = sum(c["status"] == "done" for c in self.state.cells)
         self.say(f"{self.tag(cell)} {_outcome_line(cell)}; {done}/{len(self.state.cells)} cells done")
@@ -296,6 +323,9 @@ class Ablation:
                         self.say(f"{self.tag(cell)} {escape(self.progress_of(cell))}")
             except KeyboardInterrupt:
                 complete = False
+                if self.terminated.received:  # Ctrl-C reached the workers too; SIGTERM came to this process
+                    for worker in list(getattr(pool, "_processes", {}).values()):
+                        worker.terminate()  # SIGTERM: a training cell checkpoints and stops
                 self.say("interrupt: waiting for the running cells to checkpoint and stop")
                 continue
             for future in done:
@@ -331,11 +361,16 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
     todo = [c for c in state.cells if c["status"] != "done"]
     ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
-    finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
+    previous = signal.signal(signal.SIGTERM, ablation.terminated)
+    try:
+        finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not finished:
         again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
                  *(["--shard", shard] if shard else [])]
-        raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}")
+        code = ablation.terminated.exit_code if ablation.terminated.received else ablation.exit_code
+        raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}", code)
     for written in write_report(root):
         ablation.say(f"wrote {written}")
     failed = [cell_label(c) for c in state.cells if c["status"] == "failed"]

@@ -6,6 +6,7 @@ Anything not re-exported here is private and may change without notice.
 from kdframe.errors import DataError, KdframeError, ModelError, PluginError, RecipeError, RunFailed
 from kdframe.fileio import atomic_write
 from kdframe.flows import check_layer_list, fixed_flow, outer_flow, solve_transport
+from kdframe.network import unreachable
 from kdframe.plugins import hookimpl
 from kdframe.recipe import bounded, path_field
 from kdframe.registry import DataSource, ModelSource, NoParams, Registry, Strategy, Task
@@ -49,4 +50,5 @@ __all__ = [
     "outer_flow",
     "path_field",
     "solve_transport",
+    "unreachable",
 ]

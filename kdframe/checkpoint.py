@@ -14,7 +14,9 @@ format than this kdframe knows is refused with a message.
 
 from __future__ import annotations
 
+import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,42 @@ def save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda handle: torch.save(obj, handle), durable=True)
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    return Checkpoint.from_file(load(path), path)
+def previous(path: Path) -> Path:
+    """Where the generation before ``path`` is kept (``checkpoint.prev.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_generation(obj: Any, path: Path) -> None:
+    """Write ``path`` keeping the file it replaces as ``previous(path)``, and only once the new
+    one is complete (every member of its zip reads back with the right CRC): a checkpoint that
+    turns out corrupt later still has a good predecessor."""
+
+    def keep_the_old_one(written: Path) -> None:
+        with zipfile.ZipFile(written) as zipped:
+            broken = zipped.testzip()
+        if broken is not None:
+            raise KdframeError(f"checkpoint {path}: the new file came back corrupt ({broken}); the previous one is kept")
+        if path.exists():
+            os.replace(path, previous(path))
+
+    atomic_write(path, lambda handle: torch.save(obj, handle), durable=True, before_replace=keep_the_old_one)
+
+
+def load_checkpoint(path: Path) -> tuple[Checkpoint, str | None]:
+    """The latest good checkpoint: ``path``, or when it cannot be read the previous generation;
+    with a note saying so (None when ``path`` was good)."""
+    try:
+        raw, note = load(path), None
+    except KdframeError as exc:  # torn or corrupt (a newer format is read, and refused, below)
+        older = previous(path)
+        if not older.exists():
+            raise
+        raw, path, note = load(older), older, f"{exc}; resuming from the previous checkpoint {older} instead"
+    return Checkpoint.from_file(raw, path), note
+
+
+def has_checkpoint(path: Path) -> bool:
+    return path.exists() or previous(path).exists()
 
 
 def load(path: Path) -> Any:

@@ -81,10 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         from kdframe.plugins import load_plugins
 
         host = load_plugins(_preparse_plugins(argv))
-        args = build_parser(host.add_cli_options).parse_args(argv)
+        parser = build_parser(host.add_cli_options)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse: --help exits 0, usage errors 2, with their message
+            return int(exc.code or 0)
         return COMMANDS[args.command](args)
-    except SystemExit as exc:  # argparse: usage errors exit 2 already
-        return int(exc.code or 0)
+    except SystemExit as exc:  # a plugin's code exiting: never a silent success, never a traceback
+        if debug:
+            traceback.print_exc()
+        print(f"kdframe: run failed: plugin code called exit({exc.code!r})", file=sys.stderr)
+        return 1
     except KdframeError as exc:
         if debug:
             traceback.print_exc()
@@ -98,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"kdframe: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file kdframe writes or reads went wrong under it (space, permissions, a lost disk)
+        if debug:
+            traceback.print_exc()
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"kdframe: run failed: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kdframe: aborted", file=sys.stderr)
         return 130

@@ -38,6 +38,9 @@ class RunFailed(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a checkpoint was written; the message says how to resume (exit 130)."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) during training: a checkpoint was written; the
+    message says how to resume."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -15,20 +15,51 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False) -> None:
+class _Writes:
+    """A file handle that keeps the OSError of a failed write: torch.save reports a full disk as
+    a RuntimeError about zip positions, and the real cause must reach the user."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = False,
+                 before_replace: Callable[[Path], None] | None = None) -> None:
     """Write ``path`` through ``write(handle)`` (a binary file handle), atomically.
 
     ``durable``: fsync before the rename, so the new file survives a power loss too (checkpoints;
-    a lost cache or log line is rebuilt or rewritten anyway). Parent directories are created.
+    a lost cache or log line is rebuilt or rewritten anyway). ``before_replace(tmp)`` runs once
+    the new file is written, before it takes the old one's place (to check it, or keep the old one). Parent directories are created. A failed write
+    raises its OSError (no space, file too large, permission), whatever ``write`` made of it; the
+    old file is then untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            handle = _Writes(raw)
+            try:
+                write(handle)
+                if durable:
+                    raw.flush()
+                    os.fsync(raw.fileno())
+            except Exception:
+                if handle.error is not None:
+                    raise handle.error from None
+                raise
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,10 +13,9 @@ from typing import Any
 import attrs
 
 from kdframe.errors import KdframeError, RecipeError
-from kdframe.recipe import read_toml, structure
+from kdframe.recipe import PLAIN_NAME, read_toml, structure
 
 STATE = "ablation.json"
-_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 Cell = dict[str, Any]  # as stored in the state file: definition + status
 
@@ -67,7 +66,7 @@ def _grid_problems(grid: Grid, here: Path) -> list[str]:
         problems += [f"{where}: {v!r} is listed twice" for i, v in enumerate(values) if v in values[:i]]
     for where, names in (("axes.tasks", grid.axes.tasks), ("variants", grid.variants)):
         problems += [f"{where}: {name!r} cannot name a directory (use letters, digits, '_', '-', '.')"
-                     for name in names if not _DIR_NAME.match(name)]
+                     for name in names if not PLAIN_NAME.match(name)]
     problems += [f"tasks_set.{task}: {task!r} is not in axes.tasks" for task in grid.tasks_set
                  if task not in grid.axes.tasks]
     recipes = [("base", grid.base)] + [(f"variants.{n}.recipe", v.recipe) for n, v in grid.variants.items()]

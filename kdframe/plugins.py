@@ -200,7 +200,7 @@ def _version_of(module_name: str) -> str:
 def _import_plugin(module_name: str, origin: str) -> Any:
     try:
         return importlib.import_module(module_name)
-    except Exception as exc:  # a plugin's own import error, reported as bad input
+    except (Exception, SystemExit) as exc:  # a plugin's own import error (or exit), reported as bad input
         raise PluginError(f"plugin {origin} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
@@ -213,9 +213,16 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
 
 def _entry_points(autoload: bool, blocked: set[str]) -> list[tuple[importlib.metadata.EntryPoint, bool]]:
     """(entry point, bundled) in registration order: kdframe's own first, then third-party ones,
-    each group sorted (by distribution, then name) so that the order never depends on install order."""
+    each group sorted (by distribution, then name) so that the order never depends on install order.
+    A name in ``blocked`` that names no installed plugin is an error (a typo would block nothing)."""
+    installed = importlib.metadata.entry_points(group=GROUP)
+    unknown = sorted(blocked - {ep.name for ep in installed} - {ep.value for ep in installed})
+    if unknown:
+        names = ", ".join(sorted(ep.name for ep in installed))
+        raise PluginError(f"-p no:{unknown[0]}: no installed plugin is called {unknown[0]!r}, so nothing would be"
+                          f" blocked; installed: {names}")
     found = []
-    for ep in importlib.metadata.entry_points(group=GROUP):
+    for ep in installed:
         dist_name = ep.dist.name if ep.dist else ""
         bundled = dist_name.lower() == "kdframe"
         if (bundled or autoload) and ep.name not in blocked and ep.value not in blocked:

@@ -13,6 +13,7 @@ recipe means the same from anywhere.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import tomllib
 import typing
@@ -29,6 +30,11 @@ from kdframe.errors import RecipeError
 from kdframe.registry import Registry, Strategy
 from kdframe.rundir import TEACHER
 from kdframe.types import Selected
+
+#: Names that become file and directory names (the run's, a stage's best-NAME.pt): nothing else.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+#: Seeds go to torch, Python and NumPy generators (and NumPy's takes 32 bits).
+MAX_SEED = 2**32 - 1
 
 #: ``NAME:rest`` values name a model source a plugin registered (``package:NAME``), never a path.
 _SCHEME = re.compile(r"^([a-z][a-z0-9_-]+):")
@@ -111,7 +117,7 @@ class TeacherSpec(ModelSpec):
     """The teacher, fine-tuned on the task by ``train`` (omit ``train`` for a finished one)."""
 
     train: Stage | None = None  # the teacher's fine-tuning stage (labels only); omit for a finished teacher
-    seed: int = 42  # the teacher's own seed, so student seeds share one fine-tuned teacher
+    seed: int = bounded(42, ge=0, le=MAX_SEED)  # the teacher's own seed, so student seeds share one fine-tuned teacher
 
 
 @attrs.frozen
@@ -151,7 +157,7 @@ class Recipe:
     student: ModelSpec  # the model trained
     stages: list[Stage]  # the student's training stages, in order
     name: str = "run"  # names the run directory (runs/NAME-TIME) and reports
-    seed: int = 42  # the student's seed: initialisation, dropout, data order
+    seed: int = bounded(42, ge=0, le=MAX_SEED)  # the student's seed: initialisation, dropout, data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
     teacher_cache: TeacherCacheSpec = attrs.Factory(TeacherCacheSpec)  # reuse the teacher's features
@@ -175,6 +181,8 @@ def _converter() -> cattrs.Converter:
 
     def structure_loss(value: Any, _: type) -> LossChoice:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"a weight must be a finite number >= 0 (0 turns the term off), got {value}")
             return LossChoice(float(value))
         if not isinstance(value, dict):
             raise TypeError(f"expected a weight (number) or a table with 'weight', got {value!r}")
@@ -182,6 +190,8 @@ def _converter() -> cattrs.Converter:
         weight = params.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"'weight' must be a number, got {weight!r}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"'weight' must be a finite number >= 0 (0 turns the term off), got {weight}")
         return LossChoice(float(weight), params)
 
     # Strict scalars: cattrs' defaults call int()/float()/bool()/str(), which would turn
@@ -190,6 +200,8 @@ def _converter() -> cattrs.Converter:
         def structure(value: Any, _: type) -> Any:
             if isinstance(value, bool) is not (kind is bool) or not isinstance(value, accepts):
                 raise TypeError(f"expected {kind.__name__}")
+            if kind is float and not math.isfinite(value):  # TOML writes inf and nan; no setting means them
+                raise ValueError(f"must be a finite number, got {value}")
             return kind(value)
         conv.register_structure_hook(kind, structure)
 
@@ -563,14 +575,44 @@ def resolve_stages(recipe: Recipe, registry: Registry) -> tuple[list[ResolvedSta
     return stages, teacher_stage, problems
 
 
-def _stage_name_problems(recipe: Recipe) -> list[str]:
+def _name_problems(recipe: Recipe) -> list[str]:
+    """Names are plain (they name files), stage names unique and not the teacher's."""
+    plain = "must be a plain name (letters, digits, '_', '-', '.'; it names files), got"
+    named = [("name", recipe.name)] + [(f"stages[{i}].name", stage.name) for i, stage in enumerate(recipe.stages)]
+    problems = [f"{where}: {plain} {name!r}" for where, name in named if not PLAIN_NAME.match(name)]
     names = [stage.name for stage in recipe.stages]
-    return [f"stages[{i}].name: {name!r} is {'reserved' if name == TEACHER else 'used twice'};"
-            " give each stage its own name"
-            for i, name in enumerate(names) if name == TEACHER or names.index(name) != i]
+    problems += [f"stages[{i}].name: {name!r} is {'reserved' if name == TEACHER else 'used twice'};"
+                 " give each stage its own name"
+                 for i, name in enumerate(names) if name == TEACHER or names.index(name) != i]
+    problems += [f"stages[{i}]: epochs = 0 and max_steps = 0 train nothing; give one of them"
+                 for i, stage in enumerate(recipe.stages) if stage.epochs == 0 and stage.max_steps == 0]
+    if recipe.teacher.train is not None and recipe.teacher.train.epochs == 0 == recipe.teacher.train.max_steps:
+        problems.append("teacher.train: epochs = 0 and max_steps = 0 train nothing; give one of them"
+                        " (or leave teacher.train out for a finished teacher)")
+    return problems
 
 
 # -- loading ------------------------------------------------------------------------------
+
+def _problems_of_the_parts(raw: Any, registry: Registry) -> list[str]:
+    """When the recipe as a whole does not structure, what its parts that do would still report
+    (strategy params, the data source's keys): every problem at once, not one pass at a time."""
+    if not isinstance(raw, dict):
+        return []
+    problems: list[str] = []
+    parts = [(f"stages[{i}]", stage) for i, stage in enumerate(raw.get("stages") or []) if isinstance(raw.get("stages"), list)]
+    teacher = raw.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("train"), dict):
+        parts.append(("teacher.train", teacher["train"]))
+    for where, part in parts:
+        stage, found = structure(part, Stage)
+        if stage is not None and not found:
+            problems += resolve_stage(stage, registry, where)[1]
+    data, found = structure(raw.get("data", {}), DataSpec)
+    if data is not None and not found:
+        problems += resolve_data(data, registry)[1]
+    return problems
+
 
 @attrs.frozen
 class LoadedRecipe:
@@ -600,10 +642,10 @@ def load_recipe(path: str | Path, overrides: list[str], registry: Registry) -> L
         origins = {k: v for k, v in origins.items() if not _overlaps(k, key)}  # relative to the recipe itself
     recipe, problems = structure(raw, Recipe)
     if recipe is None:
-        raise RecipeError(problems, source=str(path.resolve()))
+        raise RecipeError(problems + _problems_of_the_parts(raw, registry), source=str(path.resolve()))
     if not recipe.stages:
         problems.append("stages: at least one [[stages]] table is required")
-    problems += _stage_name_problems(recipe)
+    problems += _name_problems(recipe)
     data, found = resolve_data(recipe.data, registry)
     problems += found + _model_source_problems(recipe, registry)
     recipe = _resolve_paths(attrs.evolve(recipe, data=data), (), origins, path.resolve().parent)

@@ -7,6 +7,7 @@ the run directory is created (or reopened) and the ``Trainer`` runs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import attrs
 
 from kdframe import checkpoint
-from kdframe.errors import KdframeError
+from kdframe.caches import cache_root, teacher_path
+from kdframe.errors import KdframeError, RunFailed
 from kdframe.plan import plan
 from kdframe.progress import Progress
 from kdframe.recipe import load_recipe, to_plain
@@ -35,11 +37,40 @@ def _same_recipe(session: Session):
     return same
 
 
+def check_caches(session: Session, say: Any) -> None:
+    """What a run writes to the cache must be writable, and a cached fine-tuned teacher must load,
+    before the run directory exists: failing after the teacher's fine-tuning, or on a torn cache
+    file, would waste the run. A corrupt cached teacher is removed (and fine-tuned again)."""
+    recipe = session.recipe
+    fine_tunes = session.needs_teacher and session.teacher_stage is not None
+    if not (fine_tunes or (recipe.teacher_cache.enabled and recipe.teacher_cache.storage == "disk")):
+        return
+    root = cache_root(recipe.data)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise KdframeError(f"the cache directory {root} is not writable ({exc.strerror}); the run would fail"
+                           " after fine-tuning its teacher: set data.cache_dir or KDFRAME_CACHE to a writable"
+                           " directory") from None
+    if fine_tunes:
+        cached = teacher_path(recipe, session.host.data_fingerprint(recipe.data))
+        if cached.exists():
+            try:
+                checkpoint.load(cached)
+            except KdframeError as exc:
+                cached.unlink()
+                say(f"{exc}; removed it: the teacher is fine-tuned again")
+
+
 def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[str], out: str | None,
               resume: str | None, progress: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     session = prepare(recipe_path, overrides, plugin_args)
     plan(session)
     trainer = Trainer(session, None, Progress(progress), options)  # joins the other processes, if launched so
+    if trainer.is_main:
+        check_caches(session, trainer.progress.message)
     if trainer.world > 1 and not (out or resume):
         raise KdframeError(f"a run of {trainer.world} processes needs --out DIR (or --resume DIR):"
                            " every process must use the same run directory")
@@ -68,10 +99,19 @@ def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[s
 
 def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = ()) -> str:
     """Write a finished run's student in its framework's own format (``kdframe_export_model``)."""
-    run_dir = Path(run_path)
+    run_dir, out = Path(run_path), Path(out_dir)
     weights = run_dir / "student.pt"
     if not (run_dir / RECIPE).exists() or not weights.exists():
         raise KdframeError(f"{run_dir} holds no finished run (needs {RECIPE} and student.pt)")
+    if out.exists() and not out.is_dir():
+        raise KdframeError(f"export: {out} is a file; give a directory to write the model into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdframeError(f"export: cannot create {out}: {exc.strerror}") from None
     session = prepare(run_dir / RECIPE, [], plugin_args, load_data=False)
     session.student.model.load_state_dict(checkpoint.load(weights))
-    return session.host.export_model(session.student, out_dir, session.task, session.recipe.data.max_length)
+    written = session.host.export_model(session.student, str(out), session.task, session.recipe.data.max_length)
+    if not any(out.iterdir()):  # a plugin that said it exported, and wrote nothing
+        raise RunFailed(f"export: nothing was written to {out}")
+    return written

@@ -62,7 +62,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
     base_dir, cache_dir = str(session.recipe_path.parent), str(cache_root(recipe.data))
     session.teacher = host.load_model("teacher", recipe.teacher, task, None, base_dir, cache_dir)
     session.student = host.load_model("student", recipe.student, task, session.teacher, base_dir, cache_dir)
-    problems = feature_problems(session)
+    problems = feature_problems(session) + length_problems(session)
     if problems:
         raise RecipeError(problems, source=str(session.recipe_path))
     if load_data:
@@ -75,6 +75,15 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def length_problems(session: Session) -> list[str]:
+    """``data.max_length`` within what both models' position embeddings take."""
+    asked = session.recipe.data.max_length
+    return [f"data.max_length: {asked} tokens is longer than the {role} takes ({loaded.max_length}:"
+            f" {loaded.description}); set data.max_length to at most {loaded.max_length}"
+            for role, loaded in (("teacher", session.teacher), ("student", session.student))
+            if loaded.max_length is not None and asked > loaded.max_length]
 
 
 FEATURE_NAMES = {"attn": "attention scores", "hidden": "hidden states", "logits": "logits"}

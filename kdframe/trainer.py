@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -38,13 +39,24 @@ from kdframe.types import LoadedModel
 
 
 class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes its step, checkpoints and stops. A second Ctrl-C aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM (what schedulers, Ray, Kubernetes and ``timeout`` send) sets a
+    flag; the loop finishes its step, checkpoints and stops. A second signal aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, progress: Progress, world: int):
         self.progress = progress
         self.world = world
-        self.requested = False
+        self.signal: int | None = None  # the first one received
         self.first_at: float | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGINT)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
     def __call__(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
@@ -52,9 +64,9 @@ class StopRequest:
             if self.world > 1 and now - self.first_at < 2.0:
                 return  # torchrun forwards the terminal's Ctrl-C to its workers: one press, two signals
             raise KeyboardInterrupt
-        self.first_at = now
-        self.requested = True
-        self.progress.message("interrupt: finishing the current step and writing a checkpoint (Ctrl-C again to abort)")
+        self.first_at, self.signal = now, signum
+        self.progress.message(f"{signal.Signals(signum).name}: finishing the current step and writing a checkpoint"
+                              " (a second signal aborts)")
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -92,10 +104,19 @@ class Trainer:
         self.stop = StopRequest(self.progress, self.world)
         self.stage_summaries: dict[str, Any] = {}
 
-    def save(self, obj: Any, path: Any) -> None:
-        """Only the main process writes files; the others hold the same state."""
-        if self.is_main:
-            checkpoint.save(obj, path)
+    def save(self, obj: Any, path: Path) -> None:
+        """Only the main process writes files; the others hold the same state. checkpoint.pt keeps
+        its previous generation; a file that cannot be written (no space, a size limit) stops the
+        run with one line naming it, the last checkpoint intact."""
+        if not self.is_main:
+            return
+        try:
+            (checkpoint.save_generation if path == self.run_dir.checkpoint else checkpoint.save)(obj, path)
+        except OSError as exc:
+            intact = checkpoint.has_checkpoint(self.run_dir.checkpoint)
+            raise RunFailed(f"cannot write {path}: {exc.strerror or exc}"
+                            + (f"; the last checkpoint ({self.run_dir.checkpoint}) is intact: once there is room,"
+                               f" resume with {shlex.join(self.resume_command())}" if intact else "")) from None
 
     def evaluate(self, loaded: LoadedModel, batch_size: int) -> dict[str, float]:
         return evaluate(self.host, self.session.dev, loaded, batch_size, self.device, self.processes,
@@ -109,9 +130,12 @@ class Trainer:
     def run(self, resume: bool) -> dict[str, Any]:
         s = self.session
         checkpoint.seed_everything(s.recipe.seed)
-        state = checkpoint.load_checkpoint(self.run_dir.checkpoint) if resume and self.run_dir.checkpoint.exists() else None
+        state, note = (checkpoint.load_checkpoint(self.run_dir.checkpoint)
+                       if resume and checkpoint.has_checkpoint(self.run_dir.checkpoint) else (None, None))
+        if note:
+            self.progress.message(note)
         self.started, self.elapsed_before = time.monotonic(), state.elapsed_s if state is not None else 0.0
-        previous = signal.signal(signal.SIGINT, self.stop)
+        previous = {signum: signal.signal(signum, self.stop) for signum in StopRequest.SIGNALS}
         try:
             self.host.run_start(self)
             # Summaries of stages finished before an interruption come back from the checkpoint.
@@ -146,7 +170,8 @@ class Trainer:
             self.host.on_exception(self, exc)
             raise
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.progress.stop()
 
     @staticmethod
@@ -307,7 +332,7 @@ class Trainer:
                 self.progress.update(progress.step, info, stage.log_every)
                 if stop:
                     raise Interrupted(f"interrupted at {key} step {progress.step}; checkpoint written."
-                                      f" Resume with: {shlex.join(self.resume_command())}")
+                                      f" Resume with: {shlex.join(self.resume_command())}", self.stop.exit_code)
                 if end_of_epoch:
                     break
         self.progress.stop()

@@ -102,6 +102,7 @@ class LoadedModel:
     num_heads: int
     vocab_size: int
     features: frozenset[str] = frozenset(FEATURES)
+    max_length: int | None = None  # the longest input in tokens it takes (position embeddings); None: no limit
 
 
 @attrs.frozen

@@ -378,16 +378,41 @@ def test_hub_unlabelled_rows_are_rejected(tokenizer, tmp_path: Path, monkeypatch
         load("cola", "dev", tokenizer, tmp_path, glue_dir="")
 
 
-def test_hub_offline_suggests_glue_dir(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*args, **kwargs):
+def test_hub_errors_suggest_glue_dir(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that answers with an error: its message, and the way around the hub."""
+    def failing(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    monkeypatch.setattr("kdframe_glue.reading.unreachable", lambda *args: None)  # the network is up
     with pytest.raises(DataError) as info:
         load("sst2", "train", tokenizer, tmp_path, glue_dir="")
     message = str(info.value)
     assert message.startswith("cannot load nyu-mll/glue (sst2, train): ConnectionError: Couldn't reach")
     assert "set data.glue_dir" in message and "<glue_dir>/SST-2/train.tsv" in message
+
+
+def test_offline_hub_fails_in_one_line_from_the_local_cache(tokenizer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (HF_HUB_OFFLINE, or no network): datasets is asked in offline mode, so it answers
+    from its cache at once or fails, and the message says why."""
+    import huggingface_hub.constants
+
+    seen = []
+
+    def offline_only(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_only)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as imported in an online session
+    with pytest.raises(DataError) as info:
+        load("sst2", "train", tokenizer, tmp_path, glue_dir="")
+    assert seen == [(True, True)]
+    assert str(info.value).startswith("cannot load nyu-mll/glue (sst2, train): the Hugging Face hub cannot be reached"
+                                      " (HF_HUB_OFFLINE is set) and it is not in the local datasets cache.")
+    assert datasets.config.HF_HUB_OFFLINE is False  # the switch is set for the call only
 
 
 # -- metrics ------------------------------------------------------------------------------

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kdframe.api import TokenizedSplit, atomic_write
+from kdframe.api import TaskInfo, TokenizedSplit, atomic_write
 
 from kdframe_glue.reading import Examples, hub_name, read_hub, read_tsv, tsv_path
 from kdframe_glue.tasks import GlueTask
@@ -37,7 +38,7 @@ def load_split(data: Any, task: GlueTask, split: str, tokenizer: Any, cache_dir:
     key = {"tokenizer": tokenizer_identity(tokenizer), "task": task.info.name, "split": split,
            "max_length": data.max_length, "limit": limit, "data": origin}
     file = _cache_root(cache_dir) / f"{task.info.name}-{split}-{_digest(key)[:24]}.json"
-    columns = _read_cache(file)
+    columns = _read_cache(file, task.info, len(tokenizer))
     if columns is None:
         columns = tokenize(read().head(limit), tokenizer, data.max_length)
         _write_cache(file, columns)
@@ -80,8 +81,10 @@ def _cache_root(cache_dir: str) -> Path:
     return Path(cache_dir) / "glue"
 
 
-def _read_cache(file: Path) -> dict[str, list] | None:
-    """The cached columns, or None when missing or unusable (a corrupt file is rebuilt)."""
+def _read_cache(file: Path, task: TaskInfo, vocab_size: int) -> dict[str, list] | None:
+    """The cached columns, or None when missing or unusable: a file that does not parse, or holds
+    what the data cannot (a label outside the task's label set, a token id outside the
+    vocabulary, lists that do not line up) is rebuilt, never used."""
     try:
         columns = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -90,7 +93,14 @@ def _read_cache(file: Path) -> dict[str, list] | None:
             or not all(isinstance(columns[f], list) for f in _FIELDS)
             or len({len(columns[f]) for f in _FIELDS}) != 1 or not columns["labels"]):
         return None
-    return columns
+    labels, ids, types = columns["labels"], columns["input_ids"], columns["token_type_ids"]
+    if task.is_regression:
+        fits = all(isinstance(y, (int, float)) and not isinstance(y, bool) and math.isfinite(y) for y in labels)
+    else:
+        fits = all(type(y) is int and 0 <= y < task.num_labels for y in labels)
+    fits = fits and all(isinstance(row, list) and isinstance(kinds, list) and len(row) == len(kinds) and
+                        all(type(t) is int and 0 <= t < vocab_size for t in row) for row, kinds in zip(ids, types))
+    return columns if fits else None
 
 
 def _write_cache(file: Path, columns: dict[str, list]) -> None:

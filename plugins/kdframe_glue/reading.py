@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdframe.api import DataError
+from kdframe.api import DataError, unreachable
 
 from kdframe_glue.tasks import HUB_ID, GlueTask
 
@@ -49,6 +51,7 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
     texts: tuple[list[str], ...] = tuple([] for _ in task.text_at)
     labels: list = []
     width = task.headerless_columns
+    needed = max(*task.text_at, task.label_at) + 1  # a negative label_at counts from the end
     parse_label = _label_parser(task)
     # utf-8-sig drops the BOM the download script writes; newline="" lets csv handle CRLF.
     with path.open(encoding="utf-8-sig", newline="") as f:
@@ -59,6 +62,11 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
                     continue
                 if width is None:  # the header fixes the column count (MNLI dev has more than train)
                     width = len(row)
+                    if width < needed:
+                        raise DataError(f"{path}:{reader.line_num}: the header has {width} tab-separated columns;"
+                                        f" {task.folder} files need at least {needed} (text in column"
+                                        f" {', '.join(str(a + 1) for a in task.text_at)}, the label in"
+                                        f" {'the last' if task.label_at < 0 else task.label_at + 1})")
                     continue
                 if len(row) != width:
                     expected = ("as in the header" if task.headerless_columns is None
@@ -115,6 +123,20 @@ def _label_parser(task: GlueTask) -> Callable[[str], float]:
 
 # -- the hub ------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _offline_mode(offline: bool) -> Iterator[None]:
+    """datasets and huggingface_hub read their offline switch once, at import: set it for one call."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = offline or saved[0]
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def hub_name(task: GlueTask, split: str) -> str:
     return f"{HUB_ID} ({task.hub_config}, {task.hub_split(split)})"
 
@@ -123,13 +145,15 @@ def read_hub(task: GlueTask, split: str) -> Examples:
     import datasets  # imported here: slow to import, and only the hub path needs it
 
     name = hub_name(task, split)
+    offline = unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     try:
-        ds = datasets.load_dataset(HUB_ID, task.hub_config, split=task.hub_split(split))
+        with _offline_mode(offline is not None):  # the local cache only: an error in a second, not after retries
+            ds = datasets.load_dataset(HUB_ID, task.hub_config, split=task.hub_split(split))
     except Exception as exc:  # offline, no cached copy, hub or auth errors: the remedy is the same
-        raise DataError(
-            f"cannot load {name}: {type(exc).__name__}: {exc}. Without the hub, set data.glue_dir to a "
-            f"directory in the GLUE layout (<glue_dir>/{task.folder}/train.tsv ...)"
-        ) from exc
+        reason = (f"the Hugging Face hub cannot be reached ({offline}) and it is not in the local datasets cache"
+                  if offline is not None else f"{type(exc).__name__}: {exc}")
+        raise DataError(f"cannot load {name}: {reason}. Without the hub, set data.glue_dir to a directory in the GLUE"
+                        f" layout (<glue_dir>/{task.folder}/train.tsv ...)") from None
     missing = [c for c in (*task.info.text_columns, "label") if c not in ds.column_names]
     if missing:
         raise DataError(f"{name}: missing columns {', '.join(missing)}; it has {', '.join(ds.column_names)}")

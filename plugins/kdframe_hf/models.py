@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from kdframe.api import FEATURES, LoadedModel, ModelError, TaskInfo
 from kdframe_hf.capture import capture_route
-from kdframe_hf.sources import is_local, resolve_source
+from kdframe_hf.sources import hub_offline, is_local, offline_problem, resolve_source
 from kdframe_hf.tokenizer import has_tokenizer, load_tokenizer
 
 #: ``tokenizer = "teacher"``: the student tokenises with the teacher's tokenizer, whatever its own
@@ -66,9 +66,13 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     if not spec.model:
         raise ModelError(f"{role}.model is empty: give a model directory, a hub id or package:NAME")
     source = resolve_source(spec.model, base_dir, cache_dir)
+    offline = hub_offline(source)  # then the local hub cache only: no retries, no noise
     try:
-        config = AutoConfig.from_pretrained(source)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(source, local_files_only=offline is not None)
     except Exception as exc:  # a bad directory or hub id is bad input, whatever transformers raises
+        if offline is not None:
+            raise offline_problem("model", source, offline) from None
         where = "" if is_local(source) else f" (no directory of that name under {base_dir}, so tried as a hub id)"
         raise ModelError(f"cannot load model {source!r}{where}: {type(exc).__name__}: {exc}") from exc
     trained_labels = config.num_labels if any("SequenceClassification" in a for a in config.architectures or ()) else None
@@ -79,7 +83,8 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
         with quiet_transformers():
             # fp32 weights whatever dtype the checkpoint was saved in: mixed precision is autocast's job.
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                source, config=config, dtype=torch.float32, output_loading_info=True)
+                source, config=config, dtype=torch.float32, output_loading_info=True,
+                local_files_only=offline is not None)
     except Exception as exc:
         raise ModelError(f"cannot load model weights from {source!r}: {type(exc).__name__}: {exc}") from exc
     tokenizer = _tokenizer(role, spec, teacher, base_dir, cache_dir, source)
@@ -259,7 +264,19 @@ def _loaded(model: PreTrainedModel, tokenizer: Any, origin: str, note: str) -> L
     features = frozenset(FEATURES) if capture_route(model) is not None else frozenset(FEATURES) - {"attn"}
     return LoadedModel(model=model, tokenizer=tokenizer, description=f"{origin}: {_shape(config)}{note}",
                        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                       num_heads=config.num_attention_heads, vocab_size=config.vocab_size, features=features)
+                       num_heads=config.num_attention_heads, vocab_size=config.vocab_size, features=features,
+                       max_length=longest_input(model))
+
+
+def longest_input(model: PreTrainedModel) -> int | None:
+    """How many tokens the model's position embeddings cover: ``max_position_embeddings``, less
+    the offset of families that number positions after the padding id (RoBERTa, MPNet); None for
+    models without absolute positions (DeBERTa-v2 as configured by default)."""
+    config = model.config
+    if getattr(config, "position_biased_input", True) is False or not hasattr(config, "max_position_embeddings"):
+        return None
+    offset = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    return config.max_position_embeddings - (offset + 1 if isinstance(offset, int) else 0)
 
 
 def _shape(config: PreTrainedConfig) -> str:

@@ -15,13 +15,14 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
-from kdframe.api import ModelError
+from kdframe.api import ModelError, unreachable
 
 
 def resolve_source(value: str, base_dir: str, cache_dir: str = "") -> str:
@@ -129,6 +130,19 @@ def unpack_parts(name: str, parts: list[tuple[importlib.metadata.Distribution, P
             shutil.rmtree(work, ignore_errors=True)
     entries = [p for p in target.iterdir() if not p.name.startswith(".")]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
+
+
+def hub_offline(source: str) -> str | None:
+    """Why the hub id ``source`` must come from the local hub cache (the hub is out of reach, or
+    offline mode is set), or None for a directory or a reachable hub. Asked in seconds, once."""
+    if is_local(source):
+        return None
+    return unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def offline_problem(what: str, source: str, reason: str) -> ModelError:
+    return ModelError(f"cannot load {what} {source!r}: the Hugging Face hub cannot be reached ({reason}) and it is not"
+                      " in the local hub cache; give a model directory or package:NAME, or go online")
 
 
 def is_local(source: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoTokenizer, BertTokenizer
 
 from kdframe.api import ModelError
-from kdframe_hf.sources import is_local, resolve_source
+from kdframe_hf.sources import hub_offline, is_local, offline_problem, resolve_source
 
 BUILTIN = {"builtin:chars"}
 
@@ -45,7 +45,10 @@ def load_tokenizer(value: str, base_dir: str, cache_dir: str = "") -> Any:
     source = resolve_source(value, base_dir, cache_dir)
     if not has_tokenizer(source):
         raise ModelError(f"no tokenizer files in {source} (looked for {', '.join(TOKENIZER_FILES)})")
+    offline = hub_offline(source)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, local_files_only=offline is not None)
     except Exception as exc:  # any failure of a user-given source is bad input, not a crash
+        if offline is not None:
+            raise offline_problem("tokenizer", source, offline) from None
         raise ModelError(f"cannot load tokenizer {source!r}: {type(exc).__name__}: {exc}") from exc

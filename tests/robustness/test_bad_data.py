@@ -98,3 +98,13 @@ def test_crlf_and_bom_load_like_plain_files(tmp_path, variant):
         want = read_tsv(plain / "MRPC" / f"{split}.tsv", TASKS["mrpc"])
         assert got == want
         assert not any(text.endswith("\r") or text.startswith("\ufeff") for column in got.texts for text in column)
+
+
+def test_header_and_rows_both_short_of_a_column(tmp_path):
+    """MRPC's texts are columns 4 and 5: a file whose header and rows all have 4 columns (so no
+    row is shorter than the header) is refused at its header, not with an IndexError."""
+    cut = ["\t".join(line.split("\t")[:4]) for line in TRAIN]
+    path = tmp_path / "glue" / "MRPC" / "train.tsv"
+    result = kd("validate", recipe(tmp_path, glue_dir(tmp_path, lf(cut), lf(DEV))))
+    assert_bad_input(result, f"{path}:1: the header has 4 tab-separated columns; MRPC files need at least 5"
+                             " (text in column 4, 5, the label in 1)")

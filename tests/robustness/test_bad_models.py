@@ -5,7 +5,7 @@ dry-runs one step, which is where layer counts and head counts are checked.
 """
 
 import pytest
-from robust_helpers import assert_bad_input, kd, smoke_raw, write_recipe
+from robust_helpers import SMOKE, assert_bad_input, kd, smoke_raw, write_recipe
 
 
 def recipe(tmp_path, **changes):
@@ -119,3 +119,20 @@ def test_different_vocabularies(tmp_path):
     raw["student"] = {"init": "config", "tokenizer": str(tmp_path / "tok"), "config": {"num_hidden_layers": 2}}
     assert_bad_input(kd("validate", write_recipe(tmp_path, raw)),
                      "student and teacher vocabularies differ", "student: 92 tokens", "teacher: 102 tokens")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_hub_model_out_of_reach_fails_in_one_line(offline, monkeypatch):
+    """Offline (the flag, or no connection to the hub): the local hub cache only, so one line at
+    once naming what was looked up, instead of half a minute of retries."""
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr("kdframe.network._probe", lambda host, port, timeout: f"{host} is out of reach (test)")
+        reason = "huggingface.co is out of reach (test)"
+    result = kd("validate", SMOKE, "--set", 'teacher.init="pretrained"', "--set", 'teacher.model="someorg/not-cached"')
+    assert_bad_input(result, f"cannot load model 'someorg/not-cached': the Hugging Face hub cannot be reached ({reason})"
+                             " and it is not in the local hub cache")
+    assert len(result.err.strip().splitlines()) == 1 and "Retrying" not in result.err

@@ -203,3 +203,61 @@ def test_the_console_script_exits_2_without_traceback(tmp_path):
     done = subprocess.run([*command, "validate", str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "not valid TOML" in done.stderr and str(path) in done.stderr
+
+
+# -- numbers the schema used to let through (every one refused before a run directory exists) -----
+
+@pytest.mark.parametrize("assignment, message", [
+    ("stages[0].lr=inf", "stages[0].lr: must be a finite number, got inf"),
+    ("stages[0].lr=nan", "stages[0].lr: must be a finite number, got nan"),
+    ("stages[0].warmup_ratio=-inf", "stages[0].warmup_ratio: must be a finite number, got -inf"),
+    ("stages[0].losses.hid=nan", "stages[0].losses['hid']: a weight must be a finite number >= 0"),
+    ("stages[0].losses.hid=-0.5", "a weight must be a finite number >= 0 (0 turns the term off), got -0.5"),
+    ("stages[0].losses.pred.weight=-1.0", "'weight' must be a finite number >= 0 (0 turns the term off), got -1.0"),
+    ("stages[0].losses.pred.temperature=inf", "stages[0].losses.pred.temperature: must be a finite number"),
+    ("stages[0].epochs=0", "stages[0]: epochs = 0 and max_steps = 0 train nothing"),
+    ("teacher.train.epochs=0", "teacher.train: epochs = 0 and max_steps = 0 train nothing"),
+    ("seed=18446744073709551617", "seed: must be <= 4294967295"),
+    ("seed=-1", "seed: must be >= 0"),
+    ("teacher.seed=4294967296", "teacher.seed: must be <= 4294967295"),
+    ("data.max_length=80", "data.max_length: 80 tokens is longer than the teacher takes (64:"),
+], ids=["lr-inf", "lr-nan", "warmup-minus-inf", "weight-nan", "weight-negative", "weight-table-negative",
+        "temperature-inf", "epochs-0", "teacher-epochs-0", "seed-beyond-64-bits", "seed-negative",
+        "teacher-seed-33-bits", "max-length-beyond-positions"])
+def test_numbers_out_of_their_range(tmp_path, assignment, message):
+    out = tmp_path / "run"
+    result = kd("run", SMOKE, "--out", out, "--progress", "off", "--set", assignment)
+    assert_bad_input(result, message)
+    assert not out.exists()  # refused before the run directory exists
+    problems = result.err.strip().splitlines()[1:]  # after the line naming the recipe
+    assert len(problems) == (2 if "max_length" in assignment else 1), problems  # max_length: both models
+
+
+def test_epochs_0_with_max_steps_is_fine():
+    assert kd("validate", SMOKE, "--set", "stages[0].epochs=0", "--set", "stages[0].max_steps=3").rc == 0
+
+
+# -- names that would become paths ----------------------------------------------------------------
+
+@pytest.mark.parametrize("assignment, where", [
+    ('name="../x"', "name"), ('name="/abs/x"', "name"), ('name="a b"', "name"),
+    ('stages[0].name="../../escape"', "stages[0].name"), ('name=""', "name"),
+])
+def test_names_are_plain(tmp_path, monkeypatch, assignment, where):
+    monkeypatch.chdir(tmp_path)
+    result = kd("run", SMOKE, "--progress", "off", "--set", assignment)
+    assert_bad_input(result, f"{where}: must be a plain name (letters, digits, '_', '-', '.'; it names files)")
+    assert not any(tmp_path.rglob("*")) and not (tmp_path.parent / "x").exists()
+
+
+# -- every problem at once, across both passes ---------------------------------------------------
+
+def test_a_schema_error_and_strategy_param_errors_are_reported_together(tmp_path):
+    raw = smoke_raw()
+    raw["teacher"]["zz"] = 1  # the schema pass fails on this
+    raw["stages"][0]["mapping"] = {"strategy": "emd", "reg": 1}  # strategy params: the second pass
+    raw["stages"][0]["weighting"] = {"strategy": "cost-attention", "normalize": "max"}
+    raw["data"]["bogus"] = 1  # the data source's keys: the second pass too
+    result = kd("validate", write_recipe(tmp_path, raw))
+    assert_bad_input(result, "teacher: unknown key 'zz'", "stages[0].mapping: unknown key 'reg'",
+                     "stages[0].weighting.normalize: must be one of 'sum', 'softmax'", "data: unknown key 'bogus'")

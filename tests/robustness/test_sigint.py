@@ -1,4 +1,5 @@
-"""Ctrl-C during training: exit 130, a resume hint, a loadable checkpoint; --resume finishes the run."""
+"""Ctrl-C (SIGINT) or SIGTERM (what schedulers, Ray, Kubernetes and ``timeout`` send) during
+training: exit 130 or 143, a resume hint, a loadable checkpoint; --resume finishes the run."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from robust_helpers import SMOKE, all_finite
 
@@ -26,7 +28,8 @@ def distil_started(metrics):
     return False
 
 
-def test_sigint_checkpoints_and_resume_completes(tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_checkpoints_and_resume_completes(tmp_path, signum, code):
     out = tmp_path / "run"
     steps = tmp_path / "steps.txt"
     env = dict(os.environ, PYTHONPATH=str(FIXTURES), KDFRAME_ROBUST_SLOW="0.5", KDFRAME_ROBUST_STEPS=str(steps))
@@ -40,13 +43,13 @@ def test_sigint_checkpoints_and_resume_completes(tmp_path):
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert "Traceback" not in stderr
     assert "interrupted at distil step" in stderr and f"--resume {out}" in stderr
     hint = shlex.split(stderr.split("Resume with:", 1)[1].strip().splitlines()[0])
