@@ -192,10 +192,27 @@ class TeacherCache:
         if index not in self.on_disk:
             return None
         try:
-            return torch.load(self._file(index), map_location="cpu", weights_only=True)
+            entry = torch.load(self._file(index), map_location="cpu", weights_only=True)
         except Exception:  # torn or foreign file: compute again and rewrite it
+            entry = None
+        if not self._fits(entry):  # a file that loads but holds something else: the same
             self.on_disk.discard(index)
             return None
+        return entry
+
+    def _fits(self, entry: Any) -> bool:
+        """A stored entry has this cache's features, stored at its length and dtype (cheap checks
+        of shapes only: a wrong file must not reach a batch)."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtypes"), dict):
+            return False
+        wanted = {"logits"} | (self.needs & SEQUENCE_FEATURES)
+        if set(entry["dtypes"]) != wanted or not all(isinstance(entry.get(k), torch.Tensor) for k in wanted):
+            return False
+        if any(entry[k].dtype != self.dtype for k in wanted):
+            return False
+        hidden, attn = entry.get("hidden"), entry.get("attn")
+        return ((hidden is None or (hidden.dim() == 3 and hidden.shape[1] == self.length))
+                and (attn is None or (attn.dim() == 4 and attn.shape[2] == self.length)))
 
     def _put(self, index: int, entry: Entry) -> None:
         size = sum(t.numel() * t.element_size() for t in entry.values() if isinstance(t, torch.Tensor))

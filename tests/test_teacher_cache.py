@@ -207,11 +207,13 @@ def test_disk_cache_is_reused_by_a_new_cache_and_survives_a_torn_file(smoke, tmp
     want = first.features(indices, batch)
     assert forwarded == [8] and len(list((tmp_path / "k").glob("*.pt"))) == 8
     (tmp_path / "k" / "3.pt").write_bytes(b"torn")
+    entry = torch.load(tmp_path / "k" / "5.pt", weights_only=True)
+    torch.save({**entry, "hidden": entry["hidden"][:, :-1]}, tmp_path / "k" / "5.pt")  # loads, but too short
     second, forwarded = new_cache(session, directory=tmp_path / "k")
     got = second.features(indices, batch)
-    assert forwarded == [1]  # only the torn one
+    assert forwarded == [2]  # only the torn one and the wrong one
     assert_same_features(got, want, atol=0)
-    assert second.stats()["hits"] == 7 and second.stats()["misses"] == 1
+    assert second.stats()["hits"] == 6 and second.stats()["misses"] == 2
     torch.load(tmp_path / "k" / "3.pt", weights_only=True)  # rewritten
 
 
