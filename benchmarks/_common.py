@@ -173,6 +173,23 @@ class Clock:
         return out
 
 
+def status_kb(key: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, RssAnon, ...)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak RSS (VmHWM) to the current RSS; False where Linux does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     if args.out:
         path = Path(args.out)

@@ -262,21 +262,6 @@ def trace_crossings(session, trainer, strategy: str, batch_size: int, length: in
 
 # -- memory (one fresh process per strategy) ---------------------------------------------------------
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def feature_megabytes(arm: Arm, batch) -> float:
     """Bytes of the hidden states and attention scores both models hand to the strategies."""
     import torch
@@ -307,17 +292,17 @@ def memory_child(spec: str) -> None:
         arm = Arm(session, trainer, strategy, job["batch"])
         features_mb = feature_megabytes(arm, batch)
         gc.collect()
-        resettable = _reset_peak()
-        rss0 = _status_kb("VmRSS")
+        resettable = C.reset_peak()
+        rss0 = C.status_kb("VmRSS")
         record, _ = arm.run(batch)
-        peak1 = _status_kb("VmHWM")
+        peak1 = C.status_kb("VmHWM")
         del record
         gc.collect()
-        _reset_peak()
-        rss1 = _status_kb("VmRSS")
+        C.reset_peak()
+        rss1 = C.status_kb("VmRSS")
         for _ in range(job["steps"]):
             record, _ = arm.run(batch)
-        peak2 = _status_kb("VmHWM")
+        peak2 = C.status_kb("VmHWM")
         out[strategy] = {
             "first_step_peak_mb": round((peak1 - rss0) / 1024, 1), "step_peak_mb": round((peak2 - rss1) / 1024, 1),
             "retained_after_first_step_mb": round((rss1 - rss0) / 1024, 1), "rss_before_mb": round(rss0 / 1024, 1),

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_transport", "bench_scaling", "bench_capture", "bench_optimizer", "bench_step"]
+SCRIPTS = ["bench_transport", "bench_scaling", "bench_capture", "bench_optimizer", "bench_step", "bench_data"]
 
 
 def _text(data: bytes | str | None) -> str:

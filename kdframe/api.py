@@ -6,10 +6,11 @@ Anything not re-exported here is private and may change without notice.
 from kdframe.errors import DataError, KdframeError, ModelError, PluginError, RecipeError, RunFailed
 from kdframe.fileio import atomic_write
 from kdframe.flows import check_layer_list, fixed_flow, outer_flow, solve_transport
-from kdframe.network import unreachable
+from kdframe.network import load_hub_dataset, unreachable
 from kdframe.plugins import hookimpl
-from kdframe.recipe import bounded, path_field
+from kdframe.recipe import MAX_SEED, bounded, path_field
 from kdframe.registry import DataSource, ModelSource, NoParams, Registry, Strategy, Task
+from kdframe.tokens import check_columns, first_true, quiet_progress, tokenize_to_arrow, tokenizer_identity
 from kdframe.types import (
     FEATURES,
     Features,
@@ -23,6 +24,7 @@ from kdframe.types import (
 
 __all__ = [
     "FEATURES",
+    "MAX_SEED",
     "DataError",
     "DataSource",
     "Features",
@@ -43,12 +45,18 @@ __all__ = [
     "TaskInfo",
     "TokenizedSplit",
     "atomic_write",
+    "check_columns",
     "bounded",
     "check_layer_list",
+    "first_true",
     "fixed_flow",
     "hookimpl",
+    "load_hub_dataset",
     "outer_flow",
     "path_field",
+    "quiet_progress",
     "solve_transport",
+    "tokenize_to_arrow",
+    "tokenizer_identity",
     "unreachable",
 ]

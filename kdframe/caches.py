@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
+
 import attrs
+
+from kdframe.errors import KdframeError
 
 from kdframe.recipe import DataSpec, Recipe, to_plain
 
@@ -20,6 +24,17 @@ def cache_root(data: DataSpec) -> Path:
     if data.cache_dir:
         return Path(data.cache_dir)
     return Path(os.environ.get("KDFRAME_CACHE", Path.home() / ".cache" / "kdframe")).expanduser()
+
+
+def check_writable(root: Path, why: str) -> None:
+    """A KdframeError saying ``why`` the cache must be writable, unless it is (it is made if missing)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise KdframeError(f"the cache directory {root} is not writable ({exc.strerror}); {why}: set"
+                           " data.cache_dir or KDFRAME_CACHE to a writable directory") from None
 
 
 def teacher_key(recipe: Recipe, fingerprint: str | None) -> str:

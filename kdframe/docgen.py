@@ -117,7 +117,8 @@ def _allowed_text(row: Row) -> str:
     bounds = row.field.metadata.get("bounds")
     if bounds is not None:
         words = (">", ">=", "<=", "<")  # the order of bounded()'s (gt, ge, le, lt)
-        parts += [f"{word} {limit:g}" for word, limit in zip(words, bounds, strict=True) if limit is not None]
+        parts += [f"{word} {limit if isinstance(limit, int) else f'{limit:g}'}"
+                  for word, limit in zip(words, bounds, strict=True) if limit is not None]
     return ", ".join(parts)
 
 
@@ -194,7 +195,11 @@ def _data_source_section(source: DataSource, registry: Registry) -> list[str]:
     if source.description:
         lines += [source.description[0].upper() + source.description[1:] + ".", ""]
     tasks = ", ".join(f"`{t.name}`" for t in registry.tasks() if t.source == source.name)
-    lines += [f"Plugin `{source.plugin}`; tasks: {tasks or '(none registered)'}.", ""]
+    if source.task is not None:
+        lines += [f"Plugin `{source.plugin}`. Recipes define their own task with the keys below;"
+                  " `data.task` names it (any plain name).", ""]
+    else:
+        lines += [f"Plugin `{source.plugin}`; tasks: {tasks or '(none registered)'}.", ""]
     if not attrs.fields(source.params):
         return lines + ["No keys of its own.", ""]
     if source.params.__doc__:
@@ -270,8 +275,11 @@ def render_recipes() -> str:
             lines += [_doc(cls), ""]
         lines += _table(table_rows) + [""]
     registry, plugins = bundled()
+    defining = ", ".join(f"`{s.name}`" for s in registry.data_sources() if s.task and s.plugin in plugins)
     lines += ["## Data sources", "",
-              "`data.task` picks a task, and with it the data source that reads it (or name one with `data.source`).",
+              "`data.task` picks a registered task, and with it the data source that reads it; or `data.source`"
+              f" names a source that defines tasks ({defining}) and the recipe describes its own task in that"
+              " source's keys.",
               "A source's own keys sit in `[data]` beside the ones above. Registered by the bundled plugins;",
               "`kdframe plugins` lists what is installed.", ""]
     for source in registry.data_sources():

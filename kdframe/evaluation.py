@@ -35,5 +35,4 @@ def evaluate(host: PluginHost, dev: TokenizedSplit, loaded: LoadedModel, batch_s
     loaded.model.train(was_training)
     predictions = processes.gather_in_order(predictions)
     preds = torch.cat([p for _, p in predictions]).numpy()
-    labels = torch.tensor(dev.labels).numpy()
-    return host.compute_metrics(task, preds, labels)
+    return host.compute_metrics(task, preds, dev.labels())

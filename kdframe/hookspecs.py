@@ -105,17 +105,22 @@ def kdframe_load_data(
     Called: after the models are loaded (with the student's tokenizer), for ``train``, then
     ``dev``; not by ``kdframe export``.
 
+    Return a ``TokenizedSplit``: ``kdframe.api.tokenize_to_arrow`` builds one from a
+    ``datasets.Dataset`` of raw text, cached as a memory-mapped Arrow file (``from_lists`` makes
+    a small one in memory).
+
     Example::
 
         @hookimpl
         def kdframe_load_data(data, task, split, tokenizer, cache_dir):
             if data.source != "sick":
                 return None
-            rows = read_sick(data.params.directory, split)[: data.train_limit or None]
-            encoded = tokenizer([r.a for r in rows], [r.b for r in rows], truncation=True,
-                                max_length=data.max_length)
-            return TokenizedSplit(task, split, encoded["input_ids"], [r.label for r in rows],
-                                  {"token_type_ids": encoded["token_type_ids"]})
+            path = Path(data.params.directory) / f"{split}.csv"
+            return tokenize_to_arrow(
+                task, split, origin=[str(path), path.stat().st_mtime_ns],
+                build=lambda: datasets.load_dataset("csv", data_files=str(path), split="train"),
+                text_columns=("sentence_A", "sentence_B"), label_column="relatedness",
+                tokenizer=tokenizer, max_length=data.max_length, cache_dir=cache_dir, where=str(path))
     """
 
 

@@ -46,12 +46,13 @@ def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
     return attrs.field(default=default, metadata={"bounds": (gt, ge, le, lt)})
 
 
-def path_field(kind: Literal["dir", "location"], default: str = "", literals: tuple[str, ...] = ()) -> Any:
+def path_field(kind: Literal["dir", "file", "location"], default: str = "", literals: tuple[str, ...] = ()) -> Any:
     """A string field holding a path, made absolute against the recipe that set it.
 
-    ``"dir"``: always a local path. ``"location"``: a local path when it exists or looks like one
-    (``.``, ``/``, ``~``), else an identifier left as written (a hub id, or ``scheme:...`` of a
-    registered model source). ``literals`` are words with a meaning of their own, never paths.
+    ``"dir"``: always a local path. ``"file"``: a local path unless written ``scheme:...`` (say,
+    ``package:...``). ``"location"``: a local path when it exists or looks like one (``.``, ``/``,
+    ``~``), else an identifier left as written (a hub id, or ``scheme:...`` of a registered model
+    source). ``literals`` are words with a meaning of their own, never paths.
     """
     return attrs.field(default=default, metadata={"path": kind, "literals": literals})
 
@@ -434,12 +435,12 @@ def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str
 # -- paths --------------------------------------------------------------------------------
 
 def _resolve(value: str, kind: str, base: Path) -> str:
-    if not value or (kind == "location" and _SCHEME.match(value)):
+    if not value or (kind in ("file", "location") and _SCHEME.match(value)):
         return value
     candidate = Path(value).expanduser()
     if not candidate.is_absolute():
         candidate = base / candidate
-    if kind == "dir" or candidate.exists() or value.startswith((".", "/", "~")):
+    if kind in ("dir", "file") or candidate.exists() or value.startswith((".", "/", "~")):
         return str(candidate.resolve())
     return value  # an identifier, e.g. a hub id
 
@@ -477,25 +478,42 @@ def _model_source_problems(recipe: Recipe, registry: Registry) -> list[str]:
 
 def resolve_data(data: DataSpec, registry: Registry) -> tuple[DataSpec, list[str]]:
     """``data`` with its source named and its source's keys structured into the source's params
-    class; or the problems (unknown task or source, unknown or ill-typed keys)."""
+    class; or the problems (unknown task or source, unknown or ill-typed keys, a task the source
+    cannot define from them)."""
     task = registry.task(data.task)
-    if task is None:
-        known = ", ".join(sorted(t.name for t in registry.tasks())) or "(no data plugin loaded)"
-        return data, [f"data.task: unknown task {data.task!r}; known: {known}"]
-    name = data.source or task.source
-    source = registry.data_source(name)
-    if source is None:
+    source = registry.data_source(data.source) if data.source else None
+    if data.source and source is None:
         known = ", ".join(sorted(s.name for s in registry.data_sources()))
-        return data, [f"data.source: unknown data source {name!r}; known: {known}"]
-    if name != task.source:
-        return data, [f"data.source: task {task.name!r} is read by data source {task.source!r}, not {name!r}"]
+        return data, [f"data.source: unknown data source {data.source!r}; known: {known}"]
+    if source is None or source.task is None:  # a task some plugin registered, read by its source
+        if task is None:
+            known = ", ".join(sorted(t.name for t in registry.tasks())) or "(no data plugin loaded)"
+            defining = sorted(s.name for s in registry.data_sources() if s.task)
+            also = f" (or set data.source to {' or '.join(map(repr, defining))} to define your own)" if defining else ""
+            return data, [f"data.task: unknown task {data.task!r}; known: {known}{also}"]
+        if source is not None and source.name != task.source:
+            return data, [f"data.source: task {task.name!r} is read by data source {task.source!r}, not {source.name!r}"]
+        source = registry.data_source(task.source)
+    elif task is not None:
+        return data, [f"data.task: {data.task!r} is a task of data source {task.source!r}; name your own task"
+                      f" (it names the run's task in summaries and reports), e.g. task = \"reviews\""]
+    elif not PLAIN_NAME.match(data.task):
+        return data, [f"data.task: must be a plain name (letters, digits, '_', '-', '.'), got {data.task!r}"]
     own = [field.name for field in attrs.fields(source.params)]
     unknown = sorted(set(data.params) - set(own))
     if unknown:
         allowed = [f.name for f in attrs.fields(DataSpec) if f.name != "params"] + own
         return data, [f"data: unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}"]
     params, problems = structure(data.params, source.params, root="$.data")
-    return (attrs.evolve(data, source=name, params=params) if params is not None else data), problems
+    if params is None:
+        return data, problems
+    resolved = attrs.evolve(data, source=source.name, params=params)
+    if source.task is not None and not problems:
+        try:
+            source.task(data.task, params)
+        except RecipeError as exc:
+            problems += [f"data.{problem}" for problem in exc.problems]
+    return resolved, problems
 
 
 # -- strategies ---------------------------------------------------------------------------

@@ -52,12 +52,18 @@ class Strategy:
 @attrs.frozen
 class DataSource:
     """A source of examples (``data.source`` in a recipe): its own ``[data]`` keys are the fields of
-    ``params``, an attrs class, structured and checked like strategy params."""
+    ``params``, an attrs class, structured and checked like strategy params.
+
+    ``task`` marks a source whose recipes define the task themselves (columns, labels, metrics in
+    its keys): ``task(name, params)`` gives the TaskInfo of ``data.task = name``, or raises
+    RecipeError with problems that start with the key they are about (``"labels: ..."``).
+    """
 
     name: str
     params: type
     plugin: str
     description: str = ""
+    task: Callable[[str, Any], TaskInfo] | None = None
 
 
 @attrs.frozen
@@ -133,11 +139,13 @@ class Registry:
         self._strategies[slot][name] = strategy
         return strategy
 
-    def add_data_source(self, name: str, params: type = NoParams, *, description: str = "") -> DataSource:
-        """Register the data source ``name``; ``params`` declares its own keys of ``[data]``."""
+    def add_data_source(self, name: str, params: type = NoParams, *, description: str = "",
+                        task: Callable[[str, Any], TaskInfo] | None = None) -> DataSource:
+        """Register the data source ``name``; ``params`` declares its own keys of ``[data]``;
+        ``task`` (see DataSource) lets recipes define their task in those keys."""
         plugin = self._claim(self._data_sources, "data source", name)
         self._check_params(plugin, f"data source {name!r}", params)
-        self._data_sources[name] = source = DataSource(name, params, plugin, description)
+        self._data_sources[name] = source = DataSource(name, params, plugin, description, task)
         return source
 
     def add_task(self, info: TaskInfo, *, source: str) -> Task:
@@ -179,6 +187,12 @@ class Registry:
 
     def task(self, name: str) -> Task | None:
         return self._tasks.get(name)
+
+    def task_info(self, data: Any) -> TaskInfo:
+        """The task of a resolved ``[data]`` (see ``recipe.resolve_data``): a registered one, or the
+        one its source defines from its keys."""
+        source = self._data_sources[data.source]
+        return source.task(data.task, data.params) if source.task else self._tasks[data.task].info
 
     def tasks(self) -> list[Task]:
         return list(self._tasks.values())

@@ -7,7 +7,6 @@ the run directory is created (or reopened) and the ``Trainer`` runs.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import attrs
 
 from kdframe import checkpoint
-from kdframe.caches import cache_root, teacher_path
+from kdframe.caches import cache_root, check_writable, teacher_path
 from kdframe.errors import KdframeError, RunFailed
 from kdframe.plan import plan
 from kdframe.progress import Progress
@@ -45,15 +44,7 @@ def check_caches(session: Session, say: Any) -> None:
     fine_tunes = session.needs_teacher and session.teacher_stage is not None
     if not (fine_tunes or (recipe.teacher_cache.enabled and recipe.teacher_cache.storage == "disk")):
         return
-    root = cache_root(recipe.data)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as exc:
-        raise KdframeError(f"the cache directory {root} is not writable ({exc.strerror}); the run would fail"
-                           " after fine-tuning its teacher: set data.cache_dir or KDFRAME_CACHE to a writable"
-                           " directory") from None
+    check_writable(cache_root(recipe.data), "the run would fail after fine-tuning its teacher")
     if fine_tunes:
         cached = teacher_path(recipe, session.host.data_fingerprint(recipe.data))
         if cached.exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import attrs
 
-from kdframe.caches import cache_root
+from kdframe.caches import cache_root, check_writable
 from kdframe.errors import RecipeError
 from kdframe.plugins import PluginHost, load_plugins
 from kdframe.recipe import Recipe, ResolvedStage, load_recipe, to_plain
@@ -56,7 +56,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
         raise RecipeError(problems, source=str(Path(recipe_path).resolve()))
     from kdframe import checkpoint  # torch: a recipe with problems is refused without it
 
-    task = host.registry.task(recipe.data.task).info
+    task = host.registry.task_info(recipe.data)
     session = Session(recipe, Path(recipe_path).resolve(), host, loaded.stages, loaded.teacher_stage, task)
     checkpoint.seed_everything(recipe.seed)  # random-init models must not depend on what ran before
     base_dir, cache_dir = str(session.recipe_path.parent), str(cache_root(recipe.data))
@@ -66,6 +66,7 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
     if problems:
         raise RecipeError(problems, source=str(session.recipe_path))
     if load_data:
+        check_writable(Path(cache_dir), "the data is read and tokenised into it")
         session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)
         session.dev = host.load_data(recipe.data, task, "dev", session.student.tokenizer, cache_dir)
     return session

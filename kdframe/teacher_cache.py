@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from array import array
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from kdframe.caches import cache_root
 from kdframe.fileio import atomic_write
+from kdframe.tokens import tokenizer_identity
 from kdframe.types import Features, TokenizedSplit
 
 FORMAT = 1  # bump when the stored layout changes: old cache directories are then ignored
@@ -65,19 +66,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
-    """Class, origin and the whole vocabulary (what makes two tokenizers give the same ids)."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    return "|".join([type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), str(len(vocab)),
-                     _sha(sorted(vocab.items()))])
-
-
 def split_digest(split: TokenizedSplit) -> str:
-    """The tokenised examples, in order (the cache is indexed by position in the split)."""
+    """The tokenised examples, in order (the cache is indexed by position in the split): per
+    example, its length, its ids and then each other token column's values (by name), as int64."""
+    import pyarrow.compute as pc
+
     digest = hashlib.sha256(f"{split.task.name}|{split.split}|{len(split)}|".encode())
-    columns = [split.token_columns[name] for name in sorted(split.token_columns)]
-    for i, ids in enumerate(split.input_ids):
-        digest.update(array("q", [len(ids), *ids, *(value for column in columns for value in column[i])]).tobytes())
+    columns = ["input_ids", *sorted(split.token_columns[1:])]
+    for chunk in split.table.select(columns).to_batches(max_chunksize=8192):
+        lengths = pc.list_value_length(chunk.column(0)).to_numpy().astype(np.int64)
+        starts = np.cumsum(1 + lengths * len(columns)) - (1 + lengths * len(columns))
+        flat = np.empty(int((1 + lengths * len(columns)).sum()), dtype=np.int64)
+        flat[starts] = lengths
+        row = np.repeat(np.arange(len(lengths)), lengths)  # the example of each token
+        position = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        for j in range(len(columns)):
+            flat[starts[row] + 1 + lengths[row] * j + position] = chunk.column(j).flatten().to_numpy()
+        digest.update(flat.tobytes())
     return digest.hexdigest()
 
 
@@ -134,7 +139,7 @@ class TeacherCache:
         self.key = key
         self.directory = directory
         # Every batch is at most this long; logits-only entries need no padding at all.
-        self.length = max(map(len, split.input_ids)) if needs & SEQUENCE_FEATURES else None
+        self.length = int(split.lengths().max()) if needs & SEQUENCE_FEATURES else None
         self.memory: dict[int, Entry] = {}
         self.on_disk: set[int] = set()
         self.bytes = 0

@@ -286,14 +286,14 @@ class Trainer:
             for b in range(progress.batch, steps_per_epoch):
                 if progress.step >= total:
                     break
-                indices = order[b * stage.batch_size:(b + 1) * stage.batch_size]
+                indices = order[b * stage.batch_size:(b + 1) * stage.batch_size].tolist()
                 # Data parallel: every process draws the same global batch and takes rank::world of it,
                 # padded to the global batch's longest example (losses that count padding then add up
                 # to the 1-process loss); an empty share runs one example with weight 0 to join in.
                 mine = indices[self.rank::self.world]
                 share = len(mine) / len(indices)
                 mine = mine or indices[:1]
-                length = max(len(s.train.input_ids[i]) for i in indices)
+                length = int(s.train.lengths()[indices].max())
                 batch = collate(s.train, mine, self.device, length)
                 record = train_step(step, optimization, self.processes, batch, weights, share=share,
                                     teacher_features=(lambda b, rows=mine: cache.features(rows, b)) if cache else None,

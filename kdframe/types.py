@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
     import torch
 
 #: Feature names a strategy may declare in ``needs``.
@@ -67,22 +69,57 @@ class TaskInfo:
 
 @attrs.define
 class TokenizedSplit:
-    """A tokenised split: parallel lists, one entry per example, unpadded.
+    """A tokenised split: an Arrow table with one row per example, unpadded.
 
-    ``token_columns`` holds the other per-token model inputs by name (e.g. ``token_type_ids``),
-    each as long as ``input_ids`` example by example; batches pad them with 0 like ``input_ids``
-    and add the ``attention_mask``.
+    Columns: ``input_ids`` (a list of token ids per example), ``labels`` (a class id, or a score
+    for regression) and any other per-token model inputs by name (e.g. ``token_type_ids``), each
+    as long as ``input_ids`` row by row; batches pad them with 0 like ``input_ids`` and add the
+    ``attention_mask``. The table is usually memory-mapped from a cache file
+    (``kdframe.api.tokenize_to_arrow``), so a split costs memory only for the batches read from
+    it; ``from_lists`` builds one in memory.
     """
 
     task: TaskInfo
     split: str
-    input_ids: list[list[int]]
-    labels: list[float] | list[int]
-    token_columns: dict[str, list[list[int]]] = attrs.Factory(dict)
+    table: pa.Table
     source: str = ""
+    _lengths: Any = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    @classmethod
+    def from_lists(cls, task: TaskInfo, split: str, input_ids: list[list[int]], labels: list[int] | list[float],
+                   token_columns: dict[str, list[list[int]]] | None = None, source: str = "") -> TokenizedSplit:
+        """A split held in memory, from parallel lists (one entry per example)."""
+        import pyarrow as pa
+
+        ids = pa.list_(pa.int32())
+        columns = {"input_ids": pa.array(input_ids, ids),
+                   **{name: pa.array(values, ids) for name, values in (token_columns or {}).items()},
+                   "labels": pa.array(labels, pa.float64() if task.is_regression else pa.int64())}
+        return cls(task, split, pa.table(columns), source)
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return self.table.num_rows
+
+    @property
+    def token_columns(self) -> list[str]:
+        """The per-token columns, ``input_ids`` first."""
+        return ["input_ids", *(name for name in self.table.column_names if name not in ("input_ids", "labels"))]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per example (computed once)."""
+        if self._lengths is None:
+            import numpy as np
+            import pyarrow.compute as pc
+
+            self._lengths = pc.list_value_length(self.table.column("input_ids")).to_numpy().astype(np.int64)
+        return self._lengths
+
+    def labels(self) -> np.ndarray:
+        """Every label, in order: class ids (int64), or scores (float32, as batches hold them)."""
+        import numpy as np
+
+        column = self.table.column("labels").to_numpy()
+        return column.astype(np.float32) if self.task.is_regression else column.astype(np.int64)
 
 
 @attrs.define

@@ -16,4 +16,5 @@ def test_benchmarks_run_in_quick_mode(tmp_path):
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = {p.name for p in tmp_path.rglob("*.json")}
-    assert {"bench_step.json", "bench_scaling.json", "bench_transport.json", "bench_capture.json"} <= written
+    assert {"bench_step.json", "bench_scaling.json", "bench_transport.json", "bench_capture.json",
+            "bench_data.json"} <= written

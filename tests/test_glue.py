@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 import string
@@ -19,7 +20,7 @@ from kdframe import hookspecs
 from kdframe.api import DataError, Registry, TaskInfo
 from kdframe.caches import cache_root
 from kdframe.recipe import DataSpec
-from kdframe_glue.reading import read_tsv
+from kdframe_glue.reading import tsv_rows
 from kdframe_glue.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,14 @@ def load(task: str, split: str, tokenizer, cache: Path, glue_dir: Path | str = S
     spec = DataSpec(task=task, source="glue", params=glue.GlueParams(glue_dir=str(glue_dir)), **data)
     return glue.kdframe_load_data(data=spec, task=TASKS[task].info, split=split, tokenizer=tokenizer,
                                   cache_dir=str(cache))
+
+
+def ids(split, column: str = "input_ids") -> list[list[int]]:
+    return split.table.column(column).to_pylist()
+
+
+def labels(split) -> list:
+    return split.table.column("labels").to_pylist()
 
 
 def registered() -> Registry:
@@ -124,36 +133,56 @@ def test_real_split_sizes(task: str, split: str, rows: int, tokenizer, tmp_path:
     # A long max_length keeps this fast: the letter-level vocabulary makes RTE pairs very long, and
     # longest_first truncation of a pair grows with how much it must cut.
     loaded = load(task, split, tokenizer, tmp_path, max_length=512)
-    assert len(loaded) == len(loaded.token_columns["token_type_ids"]) == len(loaded.labels) == rows
+    assert len(loaded) == len(ids(loaded, "token_type_ids")) == len(labels(loaded)) == rows
     assert loaded.split == split and loaded.task.name == task
     assert loaded.source == str(SHARED_GLUE / TASKS[task].folder / f"{split}.tsv")
-    assert all(ids[0] == tokenizer.cls_token_id and len(ids) <= 512 for ids in loaded.input_ids)
-    assert [len(t) for t in loaded.token_columns["token_type_ids"]] == [len(ids) for ids in loaded.input_ids]
-    kinds = {type(y) for y in loaded.labels}
+    assert all(row[0] == tokenizer.cls_token_id and len(row) <= 512 for row in ids(loaded))
+    assert [len(t) for t in ids(loaded, "token_type_ids")] == [len(row) for row in ids(loaded)]
+    kinds = {type(y) for y in labels(loaded)}
     assert kinds == ({float} if task == "stsb" else {int})
+
+
+@needs_shared
+@pytest.mark.parametrize(("task", "split"), [("rte", "dev"), ("stsb", "dev"), ("cola", "dev")])
+def test_tokens_match_a_plain_reading(task: str, split: str, tokenizer, tmp_path: Path) -> None:
+    """Against an independent reading: csv with QUOTE_NONE, the tokenizer called on the lists."""
+    glue_task = TASKS[task]
+    with (SHARED_GLUE / glue_task.folder / f"{split}.tsv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = rows if glue_task.headerless_columns else rows[1:]
+    texts = [[row[at] for row in rows] for at in glue_task.text_at]
+    expected = tokenizer(*texts, truncation=True, max_length=64)
+    gold = [row[glue_task.label_at] for row in rows]
+    loaded = load(task, split, tokenizer, tmp_path, max_length=64)
+    assert ids(loaded) == expected["input_ids"]
+    assert ids(loaded, "token_type_ids") == expected["token_type_ids"]
+    if task == "stsb":
+        assert labels(loaded) == [float(y) for y in gold]
+    else:
+        assert labels(loaded) == [glue_task.info.labels.index(y) for y in gold]
 
 
 @needs_shared
 def test_mrpc_dev_labels_and_pairs(tokenizer, tmp_path: Path) -> None:
     loaded = load("mrpc", "dev", tokenizer, tmp_path)
-    assert sum(loaded.labels) == 279
-    assert all(1 in types for types in loaded.token_columns["token_type_ids"])  # sentence pairs: segment 1 exists
+    assert sum(labels(loaded)) == 279
+    assert all(1 in types for types in ids(loaded, "token_type_ids"))  # sentence pairs: segment 1 exists
 
 
 @needs_shared
 def test_stsb_scores_are_floats(tokenizer, tmp_path: Path) -> None:
-    scores = load("stsb", "dev", tokenizer, tmp_path).labels
+    scores = labels(load("stsb", "dev", tokenizer, tmp_path))
     assert scores[:2] == [5.0, 4.75] and min(scores) == 0.0 and max(scores) == 5.0
 
 
 @needs_shared
 def test_rte_keeps_leading_quotes() -> None:
-    examples = read_tsv(SHARED_GLUE / "RTE/train.tsv", TASKS["rte"])
-    assert len(examples.labels) == 2490
+    examples = list(tsv_rows(str(SHARED_GLUE / "RTE/train.tsv"), "rte"))
+    assert len(examples) == 2490
     # Default CSV quoting would merge this row's fields; QUOTE_NONE keeps it verbatim.
-    assert examples.texts[0][2164].startswith("\"That film wasn't too successful, but then 'WarGames,'")
-    assert examples.texts[1][2164] == 'The film "WarGames" was shot in 1983.'
-    assert examples.labels[2164] == 1  # not_entailment
+    assert examples[2164]["sentence1"].startswith("\"That film wasn't too successful, but then 'WarGames,'")
+    assert examples[2164]["sentence2"] == 'The film "WarGames" was shot in 1983.'
+    assert examples[2164]["label"] == 1  # not_entailment
 
 
 def test_bundled_mrpc_is_the_documented_copy() -> None:
@@ -195,7 +224,7 @@ def test_wrong_column_count_names_line(tokenizer, tmp_path: Path) -> None:
 
 def test_cola_has_no_header(tokenizer, tmp_path: Path) -> None:
     write(tmp_path, "glue/CoLA/dev.tsv", "gj04\t1\t\tthe cat sat .\ngj04\t0\t*\tcat the sat .\n")
-    assert load("cola", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue").labels == [1, 0]
+    assert labels(load("cola", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")) == [1, 0]
     path = write(tmp_path, "glue/CoLA/train.tsv", "gj04\t1\tthe cat sat .\n")
     message = data_error("cola", "train", tokenizer, tmp_path)
     assert message.startswith(f"{path}:1: expected 4 tab-separated columns (CoLA files have no header)")
@@ -235,9 +264,9 @@ def test_bom_and_crlf_are_tolerated(tokenizer, tmp_path: Path) -> None:
     text = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\t\" quoted\tb\n0\t3\t4\tc\td\n"
     write(tmp_path, "glue/MRPC/dev.tsv", text, bom=True, crlf=True)
     loaded = load("mrpc", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
-    assert loaded.labels == [1, 0]
-    examples = read_tsv(tmp_path / "glue/MRPC/dev.tsv", TASKS["mrpc"])
-    assert examples.texts == (['" quoted', "c"], ["b", "d"])  # no \r left, quote kept
+    assert labels(loaded) == [1, 0]
+    examples = list(tsv_rows(str(tmp_path / "glue/MRPC/dev.tsv"), "mrpc"))
+    assert [(e["sentence1"], e["sentence2"]) for e in examples] == [('" quoted', "b"), ("c", "d")]  # no \r, quote kept
 
 
 def test_mnli_files_and_label_column(tokenizer, tmp_path: Path) -> None:
@@ -245,12 +274,12 @@ def test_mnli_files_and_label_column(tokenizer, tmp_path: Path) -> None:
     head = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2"
     train_row = "0\t1\t2\tg\t.\t.\t.\t.\ta\tb\tneutral\tneutral\n"
     write(tmp_path, "glue/MNLI/train.tsv", head + "\tlabel1\tgold_label\n" + train_row)
-    labels = "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
+    annotators = "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n"
     row = "0\t1\t2\tg\t.\t.\t.\t.\ta\tb\tneutral\tneutral\tneutral\tneutral\tneutral\tcontradiction\n"
-    write(tmp_path, "glue/MNLI/dev_mismatched.tsv", head + labels + row)
-    assert load("mnli-mm", "train", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue").labels == [1]
+    write(tmp_path, "glue/MNLI/dev_mismatched.tsv", head + annotators + row)
+    assert labels(load("mnli-mm", "train", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")) == [1]
     dev = load("mnli-mm", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
-    assert dev.labels == [2] and dev.source.endswith("MNLI/dev_mismatched.tsv")
+    assert labels(dev) == [2] and dev.source.endswith("MNLI/dev_mismatched.tsv")
 
 
 def test_limits_keep_the_first_examples(tokenizer, tmp_path: Path) -> None:
@@ -259,42 +288,41 @@ def test_limits_keep_the_first_examples(tokenizer, tmp_path: Path) -> None:
     write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + rows)
     train = load("rte", "train", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", train_limit=3)
     dev = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", train_limit=3)
-    assert train.labels == [1, 0, 1] and len(dev) == 10
-    assert tokenizer.convert_ids_to_tokens(train.input_ids[2])[:4] == ["[CLS]", "w", "##2", "[SEP]"]
+    assert labels(train) == [1, 0, 1] and len(dev) == 10
+    assert tokenizer.convert_ids_to_tokens(ids(train)[2])[:4] == ["[CLS]", "w", "##2", "[SEP]"]
 
 
 def test_truncation_without_padding(tokenizer, tmp_path: Path) -> None:
     write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\tabcdefghij\tabc\tentailment\n1\ta\tb\tentailment\n")
     loaded = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue", max_length=8)
-    assert [len(ids) for ids in loaded.input_ids] == [8, 5]
-    assert loaded.token_columns["token_type_ids"][1] == [0, 0, 0, 1, 1]
+    assert [len(row) for row in ids(loaded)] == [8, 5]
+    assert ids(loaded, "token_type_ids")[1] == [0, 0, 0, 1, 1]
 
 
 # -- the cache ----------------------------------------------------------------------------
 
 def cache_files(cache: Path) -> list[Path]:
-    return sorted((cache / "glue").iterdir())
+    return sorted((cache / "tokens").iterdir())
 
 
 def test_cache_is_reused_and_keyed(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
     cache = tmp_path / "cache"
     first = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
-    assert [p.suffix for p in cache_files(cache)] == [".json"]  # no temp file left behind
+    assert [p.suffix for p in cache_files(cache)] == [".arrow"]  # no temp file left behind
 
     def fail(*args):
         raise AssertionError("parsed again despite the cache")
 
     monkeypatch.setattr("kdframe_glue.loading.read_tsv", fail)
     again = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
-    assert again.input_ids == first.input_ids and again.token_columns == first.token_columns
-    assert again.labels == first.labels
+    assert again.table.equals(first.table)
     monkeypatch.undo()
 
     load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue", max_length=4)
     load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue", dev_limit=1)
     path.write_text(RTE_HEADER + "0\ta\tb\tnot_entailment\n")  # the file changes: size/mtime key
-    assert load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue").labels == [1]
+    assert labels(load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")) == [1]
     assert len(cache_files(cache)) == 4
 
 
@@ -308,19 +336,35 @@ def test_cache_depends_on_the_vocabulary(tokenizer, tmp_path: Path) -> None:
     bigger = BertTokenizerFast.from_pretrained(str(other))
     plain = load("rte", "dev", tokenizer, tmp_path / "cache", glue_dir=tmp_path / "glue")
     merged = load("rte", "dev", bigger, tmp_path / "cache", glue_dir=tmp_path / "glue")
-    assert len(merged.input_ids[0]) == len(plain.input_ids[0]) - 1
+    assert len(ids(merged)[0]) == len(ids(plain)[0]) - 1
 
 
-@pytest.mark.parametrize("garbage", ["{not json", '{"input_ids": [[1]], "labels": []}', "[]"])
-def test_corrupt_cache_is_rebuilt(garbage: str, tokenizer, tmp_path: Path) -> None:
+def arrow_file(tmp_path: Path, columns: dict) -> bytes:
+    """The bytes of an Arrow file holding ``columns`` (as datasets writes its cache files)."""
+    path = tmp_path / "made.arrow"
+    datasets.Dataset.from_dict(columns).map(lambda b: b, batched=True, cache_file_name=str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("garbage", [
+    lambda tmp: b"not arrow at all",
+    lambda tmp: b"",
+    lambda tmp: arrow_file(tmp, {"input_ids": [[1]], "labels": [0]}),  # a column short
+    lambda tmp: arrow_file(tmp, {"input_ids": [[2, 5]], "token_type_ids": [[0, 0]], "labels": [7]}),  # no such label
+    lambda tmp: arrow_file(tmp, {"input_ids": [[2, 500]], "token_type_ids": [[0, 0]], "labels": [0]}),  # id > vocab
+], ids=["bytes", "empty", "columns", "label", "token"])
+def test_corrupt_cache_is_rebuilt(garbage, tokenizer, tmp_path: Path) -> None:
     write(tmp_path, "glue/RTE/dev.tsv", RTE_HEADER + "0\ta\tb\tentailment\n")
     cache = tmp_path / "cache"
-    first = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
+    expected = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue").table.to_pydict()
     [file] = cache_files(cache)
-    file.write_text(garbage)
+    written = garbage(tmp_path)
+    # A new file in its place: rewriting a file in place would pull it from under the mapping above.
+    (tmp_path / "corrupt").write_bytes(written)
+    (tmp_path / "corrupt").replace(file)
     again = load("rte", "dev", tokenizer, cache, glue_dir=tmp_path / "glue")
-    assert again.input_ids == first.input_ids and again.labels == [0]
-    assert file.read_text() != garbage
+    assert again.table.to_pydict() == expected and labels(again) == [0]
+    assert file.read_bytes() != written
 
 
 def test_cache_root_from_recipe_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -353,21 +397,21 @@ def test_hub_rte(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     calls = fake_hub(monkeypatch, columns, datasets.ClassLabel(names=["entailment", "not_entailment"]))
     loaded = load("rte", "dev", tokenizer, tmp_path, glue_dir="")
     assert calls == [("nyu-mll/glue", "rte", "validation")]
-    assert loaded.labels == [1, 0] and loaded.source == "nyu-mll/glue (rte, validation)"
-    assert tokenizer.convert_ids_to_tokens(loaded.input_ids[0]) == ["[CLS]", "a", "b", "[SEP]", "d", "[SEP]"]
-    assert load("rte", "dev", tokenizer, tmp_path, glue_dir="").labels == [1, 0]
+    assert labels(loaded) == [1, 0] and loaded.source == "nyu-mll/glue (rte, validation)"
+    assert tokenizer.convert_ids_to_tokens(ids(loaded)[0]) == ["[CLS]", "a", "b", "[SEP]", "d", "[SEP]"]
+    assert labels(load("rte", "dev", tokenizer, tmp_path, glue_dir="")) == [1, 0]
     assert len(calls) == 1  # served from the cache
 
 
 def test_hub_mnli_mismatched_and_stsb(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake_hub(monkeypatch, {"premise": ["a"], "hypothesis": ["b"], "label": [2]},
                      datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]))
-    assert load("mnli-mm", "dev", tokenizer, tmp_path, glue_dir="").labels == [2]
-    assert load("mnli-mm", "train", tokenizer, tmp_path, glue_dir="", train_limit=1).labels == [2]
+    assert labels(load("mnli-mm", "dev", tokenizer, tmp_path, glue_dir="")) == [2]
+    assert labels(load("mnli-mm", "train", tokenizer, tmp_path, glue_dir="", train_limit=1)) == [2]
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched"), ("nyu-mll/glue", "mnli", "train")]
     fake_hub(monkeypatch, {"sentence1": ["a"], "sentence2": ["b"], "label": [3.25]},
              datasets.Value("float32"))
-    assert load("stsb", "train", tokenizer, tmp_path, glue_dir="").labels == [3.25]
+    assert labels(load("stsb", "train", tokenizer, tmp_path, glue_dir="")) == [3.25]
 
 
 def test_hub_unlabelled_rows_are_rejected(tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,7 +428,7 @@ def test_hub_errors_suggest_glue_dir(tokenizer, tmp_path: Path, monkeypatch: pyt
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
-    monkeypatch.setattr("kdframe_glue.reading.unreachable", lambda *args: None)  # the network is up
+    monkeypatch.setattr("kdframe.network.unreachable", lambda *args: None)  # the network is up
     with pytest.raises(DataError) as info:
         load("sst2", "train", tokenizer, tmp_path, glue_dir="")
     message = str(info.value)
@@ -413,48 +457,3 @@ def test_offline_hub_fails_in_one_line_from_the_local_cache(tokenizer, tmp_path:
     assert str(info.value).startswith("cannot load nyu-mll/glue (sst2, train): the Hugging Face hub cannot be reached"
                                       " (HF_HUB_OFFLINE is set) and it is not in the local datasets cache.")
     assert datasets.config.HF_HUB_OFFLINE is False  # the switch is set for the call only
-
-
-# -- metrics ------------------------------------------------------------------------------
-
-def metrics(task: str, predictions, labels) -> dict[str, float]:
-    info = info_of(task)
-    return glue.kdframe_compute_metrics(task=info, predictions=predictions, labels=labels)
-
-
-def test_accuracy_and_f1() -> None:
-    # tp=2, fp=1, fn=1, tn=1: F1 = 2*2 / (2*2 + 1 + 1)
-    result = metrics("mrpc", [1, 1, 0, 0, 1], [1, 1, 1, 0, 0])
-    assert result == {"f1": pytest.approx(4 / 6), "accuracy": pytest.approx(3 / 5)}
-    assert metrics("mrpc", [0, 0], [0, 0]) == {"f1": 0.0, "accuracy": 1.0}
-    assert metrics("rte", np.array([0, 1, 1]), np.array([0, 1, 0])) == {"accuracy": pytest.approx(2 / 3)}
-
-
-def test_matthews() -> None:
-    # tp=2, tn=1, fp=1, fn=1: (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2)
-    assert metrics("cola", [1, 1, 0, 0, 1], [1, 1, 1, 0, 0]) == {"matthews": pytest.approx(1 / 6)}
-    assert metrics("cola", [0, 1, 0, 1], [0, 1, 0, 1]) == {"matthews": pytest.approx(1.0)}
-    assert metrics("cola", [1, 0], [0, 1]) == {"matthews": pytest.approx(-1.0)}
-    assert metrics("cola", [1, 1, 1], [0, 1, 0]) == {"matthews": 0.0}  # zero denominator
-
-
-def test_correlations() -> None:
-    gold = [0.0, 1.5, 2.0, 4.0, 5.0]
-    pred = np.array([[0.3], [1.0], [2.5], [3.0], [5.5]])  # a regression head's (N, 1) output
-    result = metrics("stsb", pred, gold)
-    x, y = pred.ravel() - pred.mean(), np.array(gold) - np.mean(gold)
-    assert result["pearson"] == pytest.approx(float(x @ y / math.sqrt((x @ x) * (y @ y))))
-    assert result["pearson"] == pytest.approx(stats.pearsonr(pred.ravel(), gold).statistic)
-    assert result["spearman"] == pytest.approx(1.0)  # same ranks
-    ranked = metrics("stsb", [3.0, 1.0, 2.0], [1.0, 2.0, 3.0])["spearman"]
-    assert ranked == pytest.approx(stats.spearmanr([3, 1, 2], [1, 2, 3]).statistic) == pytest.approx(-0.5)
-    assert metrics("stsb", [2.0, 2.0, 2.0], gold[:3]) == {"pearson": 0.0, "spearman": 0.0}
-
-
-def test_metrics_for_other_tasks() -> None:
-    assert glue.kdframe_compute_metrics(task=TaskInfo("x", 2, ("bleu",), "bleu"), predictions=[1],
-                                        labels=[1]) is None
-    assert glue.kdframe_compute_metrics(task=TaskInfo("x", 2, ("accuracy",), "accuracy"), predictions=[1],
-                                        labels=[1]) == {"accuracy": 1.0}
-    with pytest.raises(ValueError, match="as many predictions as labels"):
-        metrics("rte", [1, 0], [1])

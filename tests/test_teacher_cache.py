@@ -19,6 +19,7 @@ from kdframe.session import prepare
 from kdframe.step import DistillStep, stage_context
 from kdframe.teacher_cache import TeacherCache, cache_key, key_parts
 from kdframe.trainer import Trainer
+from kdframe.types import TokenizedSplit
 
 SMOKE = ROOT / "recipes" / "smoke_tiny.toml"  # EMD: att + hid + emb + pred, teacher 4 layers, student 2
 KD = ROOT / "recipes" / "smoke" / "kd.toml"  # logits only
@@ -34,9 +35,11 @@ def smoke():
     gen = torch.Generator().manual_seed(0)
     cut = [int(n) for n in torch.randint(4, 49, (len(session.train),), generator=gen)]
     cut[0] = 48
-    types = session.train.token_columns["token_type_ids"]
-    session.train = attrs.evolve(session.train, input_ids=[ids[:n] for ids, n in zip(session.train.input_ids, cut)],
-                                 token_columns={"token_type_ids": [t[:n] for t, n in zip(types, cut)]})
+    table = session.train.table
+    ids, types = table.column("input_ids").to_pylist(), table.column("token_type_ids").to_pylist()
+    session.train = TokenizedSplit.from_lists(session.task, "train", [x[:n] for x, n in zip(ids, cut)],
+                                              table.column("labels").to_pylist(),
+                                              {"token_type_ids": [t[:n] for t, n in zip(types, cut)]})
     session.teacher.model.eval()
     session.student.model.eval()
     resolved = session.stages[0]
@@ -110,13 +113,13 @@ def test_assembled_features_and_losses_equal_a_live_forward(smoke):
     assert len(lengths) > 3  # batches padded to many lengths, all sliced from the same stored padding
     assert sum(forwarded) == len(session.train)  # each example ran through the teacher once
     assert cache.stats()["hits"] == cache.stats()["misses"] == len(session.train)
-    assert cache.length == max(map(len, session.train.input_ids))
+    assert cache.length == max(session.train.lengths())
 
 
 def test_short_and_partly_cached_batches(smoke):
     session, _ = smoke
     cache, forwarded = new_cache(session)
-    by_length = sorted(range(len(session.train)), key=lambda i: len(session.train.input_ids[i]))
+    by_length = sorted(range(len(session.train)), key=lambda i: session.train.lengths()[i])
     short = by_length[:6]
     batch = collate(session.train, short, torch.device("cpu"))
     assert batch["input_ids"].shape[1] < cache.length  # padded less than what is stored
@@ -134,10 +137,10 @@ def test_short_and_partly_cached_batches(smoke):
 def test_attention_stored_without_masked_key_columns(smoke):
     session, _ = smoke
     cache, _ = new_cache(session)
-    index = min(range(len(session.train)), key=lambda i: len(session.train.input_ids[i]))
+    index = min(range(len(session.train)), key=lambda i: session.train.lengths()[i])
     cache.features([index], collate(session.train, [index], torch.device("cpu")))
     entry = cache.memory[index]
-    n = len(session.train.input_ids[index])
+    n = session.train.lengths()[index]
     layers, heads = session.teacher.num_layers, session.teacher.num_heads
     assert entry["attn"].shape == (layers, heads, cache.length, n)
     assert entry["hidden"].shape == (layers + 1, cache.length, session.teacher.hidden_size)
@@ -188,8 +191,7 @@ def test_key_changes_with_weights_needs_data_and_settings(smoke):
     base = key()
     assert key() == base
     changed = [key(needs=frozenset({"logits"})), key(max_length=64), key(dtype="bf16"), key(precision="bf16"),
-               key(split=attrs.evolve(split, input_ids=split.input_ids[:-1],
-                                     token_columns={"token_type_ids": split.token_columns["token_type_ids"][:-1]}))]
+               key(split=attrs.evolve(split, table=split.table.slice(0, len(split) - 1)))]
     other = copy.deepcopy(teacher)
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1e-3

@@ -1,5 +1,5 @@
-"""GLUE tasks for kdframe: the ``glue`` data source, its ten tasks, TSV or hub loading with a
-tokenisation cache, and metrics.
+"""GLUE tasks for kdframe: the ``glue`` data source, its ten tasks, TSV or hub loading into the
+token cache. Their metrics are computed by the ``text`` plugin (kdframe_text.metrics).
 
 Local data is read from ``<glue_dir>/<TASK>/{train,dev}.tsv`` as the GLUE download script writes
 it; an empty ``glue_dir`` loads ``nyu-mll/glue`` from the Hugging Face hub instead.
@@ -45,13 +45,3 @@ def kdframe_load_data(data: Any, task: TaskInfo, split: str, tokenizer: Any,
 @hookimpl
 def kdframe_data_fingerprint(data: Any) -> str | None:
     return data_fingerprint(data, TASKS[data.task]) if data.source == SOURCE else None
-
-
-@hookimpl(trylast=True)
-def kdframe_compute_metrics(task: TaskInfo, predictions: Any, labels: Any) -> dict[str, float] | None:
-    from kdframe_glue.metrics import METRICS, compute  # numpy and scipy: only once something is scored
-
-    # Any task whose metrics are all known here is served, not only GLUE's own.
-    if not set(task.metrics) <= METRICS.keys():
-        return None
-    return compute(task.metrics, predictions, labels)

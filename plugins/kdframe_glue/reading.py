@@ -1,30 +1,21 @@
-"""Read one GLUE split into texts and labels, from the GLUE TSV files or from the hub."""
+"""Read one GLUE split as a ``datasets.Dataset`` of texts and labels, from the GLUE TSV files or
+from the hub. Columns: the task's text columns (named as on the hub) and ``label`` (a class id,
+or a score for STS-B)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kdframe.api import DataError, unreachable
+from kdframe.api import DataError, first_true, load_hub_dataset, quiet_progress
 
-from kdframe_glue.tasks import HUB_ID, GlueTask
+from kdframe_glue.tasks import HUB_ID, TASKS, GlueTask
 
-
-@dataclass
-class Examples:
-    texts: tuple[list[str], ...]  # one list per text column (text_a, and text_b for pairs)
-    labels: list[int] | list[float]
-
-    def head(self, limit: int) -> Examples:
-        """The first ``limit`` examples; all of them when ``limit`` is 0."""
-        if limit <= 0:
-            return self
-        return Examples(tuple(column[:limit] for column in self.texts), self.labels[:limit])
+if TYPE_CHECKING:
+    import datasets
 
 
 # -- local TSV files ----------------------------------------------------------------------
@@ -46,15 +37,33 @@ def tsv_path(glue_dir: str, task: GlueTask, split: str) -> Path:
     )
 
 
-def read_tsv(path: Path, task: GlueTask) -> Examples:
+def read_tsv(path: Path, task: GlueTask, cache_dir: str, fingerprint: str) -> datasets.Dataset:
+    """The TSV as a dataset written to ``<cache_dir>/datasets`` row by row (memory stays flat);
+    ``fingerprint`` identifies the file's content (an unchanged file is not read again)."""
+    import datasets
+
+    features = datasets.Features({**{c: datasets.Value("string") for c in task.info.text_columns},
+                                  "label": datasets.Value("float64" if task.info.is_regression else "int64")})
+    try:
+        with quiet_progress():
+            return datasets.Dataset.from_generator(
+                tsv_rows, features=features, gen_kwargs={"path": str(path), "task": task.info.name},
+                cache_dir=str(Path(cache_dir) / "datasets"), fingerprint=fingerprint)
+    except datasets.exceptions.DatasetGenerationError as exc:  # a DataError from tsv_rows, wrapped
+        cause = exc.__cause__
+        raise (cause if isinstance(cause, DataError) else DataError(f"{path}: {cause or exc}")) from None
+
+
+def tsv_rows(path: str, task: str) -> Iterator[dict[str, str | float]]:
     """Parse a GLUE TSV with QUOTE_NONE: GLUE fields may begin with '"' and must stay verbatim."""
-    texts: tuple[list[str], ...] = tuple([] for _ in task.text_at)
-    labels: list = []
-    width = task.headerless_columns
-    needed = max(*task.text_at, task.label_at) + 1  # a negative label_at counts from the end
-    parse_label = _label_parser(task)
+    glue_task = TASKS[task]
+    width = glue_task.headerless_columns
+    needed = max(*glue_task.text_at, glue_task.label_at) + 1  # a negative label_at counts from the end
+    parse_label = _label_parser(glue_task)
+    names = glue_task.info.text_columns
+    rows = 0
     # utf-8-sig drops the BOM the download script writes; newline="" lets csv handle CRLF.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             for row in reader:
@@ -64,29 +73,28 @@ def read_tsv(path: Path, task: GlueTask) -> Examples:
                     width = len(row)
                     if width < needed:
                         raise DataError(f"{path}:{reader.line_num}: the header has {width} tab-separated columns;"
-                                        f" {task.folder} files need at least {needed} (text in column"
-                                        f" {', '.join(str(a + 1) for a in task.text_at)}, the label in"
-                                        f" {'the last' if task.label_at < 0 else task.label_at + 1})")
+                                        f" {glue_task.folder} files need at least {needed} (text in column"
+                                        f" {', '.join(str(a + 1) for a in glue_task.text_at)}, the label in"
+                                        f" {'the last' if glue_task.label_at < 0 else glue_task.label_at + 1})")
                     continue
                 if len(row) != width:
-                    expected = ("as in the header" if task.headerless_columns is None
-                                else f"{task.folder} files have no header")
+                    expected = ("as in the header" if glue_task.headerless_columns is None
+                                else f"{glue_task.folder} files have no header")
                     raise DataError(f"{path}:{reader.line_num}: expected {width} tab-separated columns "
                                     f"({expected}), found {len(row)}")
-                for column, at in zip(texts, task.text_at):
-                    column.append(row[at])
                 try:
-                    labels.append(parse_label(row[task.label_at]))
+                    label = parse_label(row[glue_task.label_at])
                 except ValueError as exc:
-                    at = task.label_at % width + 1
+                    at = glue_task.label_at % width + 1
                     raise DataError(f"{path}:{reader.line_num}: column {at}: {exc}") from None
+                rows += 1
+                yield {**{name: row[at] for name, at in zip(names, glue_task.text_at)}, "label": label}
         except UnicodeDecodeError as exc:  # decoded in chunks, so reader.line_num lags: find the line
-            raise DataError(f"{path}: not UTF-8 text at line {_first_non_utf8_line(path)} ({exc.reason})") from None
+            raise DataError(f"{path}: not UTF-8 text at line {_first_non_utf8_line(Path(path))} ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: {exc}") from None
-    if not labels:
+    if not rows:
         raise DataError(f"{path}: the split is empty (no example rows)")
-    return Examples(texts, labels)
 
 
 def _first_non_utf8_line(path: Path) -> int:
@@ -123,47 +131,27 @@ def _label_parser(task: GlueTask) -> Callable[[str], float]:
 
 # -- the hub ------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _offline_mode(offline: bool) -> Iterator[None]:
-    """datasets and huggingface_hub read their offline switch once, at import: set it for one call."""
-    import datasets
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = offline or saved[0]
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 def hub_name(task: GlueTask, split: str) -> str:
     return f"{HUB_ID} ({task.hub_config}, {task.hub_split(split)})"
 
 
-def read_hub(task: GlueTask, split: str) -> Examples:
-    import datasets  # imported here: slow to import, and only the hub path needs it
-
+def read_hub(task: GlueTask, split: str) -> datasets.Dataset:
     name = hub_name(task, split)
-    offline = unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    try:
-        with _offline_mode(offline is not None):  # the local cache only: an error in a second, not after retries
-            ds = datasets.load_dataset(HUB_ID, task.hub_config, split=task.hub_split(split))
-    except Exception as exc:  # offline, no cached copy, hub or auth errors: the remedy is the same
-        reason = (f"the Hugging Face hub cannot be reached ({offline}) and it is not in the local datasets cache"
-                  if offline is not None else f"{type(exc).__name__}: {exc}")
-        raise DataError(f"cannot load {name}: {reason}. Without the hub, set data.glue_dir to a directory in the GLUE"
-                        f" layout (<glue_dir>/{task.folder}/train.tsv ...)") from None
+    ds = load_hub_dataset(HUB_ID, task.hub_config, split=task.hub_split(split), what=name,
+                          remedy=f"Without the hub, set data.glue_dir to a directory in the GLUE layout"
+                                 f" (<glue_dir>/{task.folder}/train.tsv ...)")
     missing = [c for c in (*task.info.text_columns, "label") if c not in ds.column_names]
     if missing:
         raise DataError(f"{name}: missing columns {', '.join(missing)}; it has {', '.join(ds.column_names)}")
     if len(ds) == 0:
         raise DataError(f"{name}: the split is empty")
-    texts = tuple(list(ds[c]) for c in task.info.text_columns)
-    if task.info.is_regression:
-        return Examples(texts, [float(y) for y in ds["label"]])
-    labels = [int(y) for y in ds["label"]]
-    for row, y in enumerate(labels, 1):
-        if not 0 <= y < task.info.num_labels:  # e.g. -1, the hub's mark for unlabelled test rows
-            raise DataError(f"{name}: row {row} has label {y}; expected 0..{task.info.num_labels - 1}")
-    return Examples(texts, labels)
+    if not task.info.is_regression:
+        import pyarrow.compute as pc
+
+        labels = ds.data.table.column("label")
+        outside = pc.or_(pc.less(labels, 0), pc.greater_equal(labels, task.info.num_labels))
+        if pc.any(outside).as_py():  # e.g. -1, the hub's mark for unlabelled test rows
+            row = first_true(outside)
+            raise DataError(f"{name}: row {row + 1} has label {labels[row].as_py()};"
+                            f" expected 0..{task.info.num_labels - 1}")
+    return ds

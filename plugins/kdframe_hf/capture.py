@@ -172,8 +172,9 @@ def capture_route(model: PreTrainedModel) -> CaptureAdapter | None:
 def extract_features(model: PreTrainedModel, batch: dict[str, torch.Tensor], needs: frozenset[str]) -> Features:
     """One forward of ``model`` on ``batch``; hidden states and scores only when ``needs`` asks."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    # RoBERTa has a single token type and DistilBERT none: segment ids would be out of range.
-    if getattr(model.config, "type_vocab_size", 0) > 1:
+    # RoBERTa has a single token type and DistilBERT none: segment ids would be out of range. A
+    # tokenizer without them (MPNet's) leaves them out: the model then takes type 0 throughout.
+    if getattr(model.config, "type_vocab_size", 0) > 1 and "token_type_ids" in batch:
         inputs["token_type_ids"] = batch["token_type_ids"]
     want_attn = "attn" in needs
     route = capture_route(model) if want_attn else None

@@ -83,8 +83,7 @@ def test_unknown_task_name():
 @pytest.mark.parametrize("variant", ["crlf", "bom", "crlf+bom"])
 def test_crlf_and_bom_load_like_plain_files(tmp_path, variant):
     """Windows line ends and a UTF-8 BOM are not errors: exit 0, and the same examples as LF."""
-    from kdframe_glue.reading import read_tsv
-    from kdframe_glue.tasks import TASKS
+    from kdframe_glue.reading import tsv_rows
 
     end = "\r\n" if "crlf" in variant else "\n"
     bom = "\ufeff" if "bom" in variant else ""
@@ -94,10 +93,11 @@ def test_crlf_and_bom_load_like_plain_files(tmp_path, variant):
     assert "recipe is valid" in result.out
     plain = glue_dir(tmp_path / "plain", lf(TRAIN), lf(DEV))
     for split in ("train", "dev"):
-        got = read_tsv(glue / "MRPC" / f"{split}.tsv", TASKS["mrpc"])
-        want = read_tsv(plain / "MRPC" / f"{split}.tsv", TASKS["mrpc"])
+        got = list(tsv_rows(str(glue / "MRPC" / f"{split}.tsv"), "mrpc"))
+        want = list(tsv_rows(str(plain / "MRPC" / f"{split}.tsv"), "mrpc"))
         assert got == want
-        assert not any(text.endswith("\r") or text.startswith("\ufeff") for column in got.texts for text in column)
+        texts = [row[column] for row in got for column in ("sentence1", "sentence2")]
+        assert not any(text.endswith("\r") or text.startswith("\ufeff") for text in texts)
 
 
 def test_header_and_rows_both_short_of_a_column(tmp_path):

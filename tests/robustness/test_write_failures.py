@@ -83,16 +83,21 @@ def test_a_corrupt_cached_teacher_is_fine_tuned_again(tmp_path):
 
 
 def test_a_tokenisation_cache_with_labels_outside_the_label_set_is_rebuilt(tmp_path):
-    import json
+    import datasets
 
     cache = tmp_path / "cache"
     assert kd("validate", SMOKE, env={"KDFRAME_CACHE": str(cache)}).rc == 0
-    files = sorted((cache / "glue").glob("mrpc-dev-*.json"))
-    columns = json.loads(files[0].read_text())
-    columns["labels"][0] = 7  # parses, but MRPC has labels 0 and 1
-    files[0].write_text(json.dumps(columns))
+    [file] = sorted((cache / "tokens").glob("mrpc-dev-*.arrow"))
+    table = datasets.Dataset.from_file(str(file)).data.table
+    columns = table.to_pydict()
+    columns["labels"][0] = 7  # well-formed, but MRPC has labels 0 and 1
+    # Written under another name and moved into place, as datasets writes it (a file rewritten in
+    # place would change under the mapping above).
+    datasets.Dataset.from_dict(columns, features=datasets.Dataset.from_file(str(file)).features).map(
+        lambda batch: batch, batched=True, cache_file_name=str(tmp_path / "bad.arrow"))
+    (tmp_path / "bad.arrow").replace(file)
     out = tmp_path / "run"
     result = kd("run", SMOKE, "--out", out, "--progress", "off", "--set", "stages[0].max_steps=2",
                 env={"KDFRAME_CACHE": str(cache)})
     assert result.rc == 0, result.err
-    assert json.loads(files[0].read_text())["labels"][0] in (0, 1)  # rebuilt from the TSV
+    assert datasets.Dataset.from_file(str(file))["labels"][0] in (0, 1)  # rebuilt from the TSV

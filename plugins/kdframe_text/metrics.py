@@ -1,4 +1,4 @@
-"""GLUE metrics on predicted class ids (or scores for STS-B), with numpy and scipy only."""
+"""Classification and regression metrics on predicted class ids (or scores), with numpy and scipy only."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ def f1(pred: np.ndarray, gold: np.ndarray) -> float:
     fn = np.sum((pred != 1) & (gold == 1))
     denominator = 2 * tp + fp + fn
     return float(2 * tp / denominator) if denominator else 0.0
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    """The mean over classes of each class's F1 (one class against the rest); the classes are those
+    in gold or predicted (sklearn's ``f1_score(average="macro")``)."""
+    scores = []
+    for label in np.unique(np.concatenate([gold, pred])):
+        tp = np.sum((pred == label) & (gold == label))
+        denominator = 2 * tp + np.sum((pred == label) & (gold != label)) + np.sum((pred != label) & (gold == label))
+        scores.append(2 * tp / denominator if denominator else 0.0)
+    return float(np.mean(scores))
 
 
 def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -46,10 +57,13 @@ def _correlation(statistic: Callable[..., Any]) -> Callable[[np.ndarray, np.ndar
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
     "f1": f1,
+    "macro_f1": macro_f1,
     "matthews": matthews,
     "pearson": _correlation(stats.pearsonr),
     "spearman": _correlation(stats.spearmanr),
 }
+#: Metrics that compare scores, not class ids.
+REGRESSION = frozenset({"pearson", "spearman"})
 
 
 def compute(names: Iterable[str], predictions: Any, labels: Any) -> dict[str, float]:
