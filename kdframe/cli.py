@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
+
+import attrs
 
 from kdframe.errors import Interrupted, KdframeError, RunFailed
 
@@ -36,7 +40,13 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     _common(validate)
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and their strategies")
+    plugins.add_argument("--json", action="store_true",
+                         help="print plugins, strategies (with their params' JSON Schema), sources and tasks as JSON")
     _common(plugins, overrides=False)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of recipes (for editors), with the loaded plugins")
+    schema.add_argument("--out", help="write it to this file instead")
+    _common(schema, overrides=False)
 
     export = sub.add_parser("export", help="write a run's student in its model framework's own format")
     export.add_argument("run_dir")
@@ -179,12 +189,15 @@ def flow_table(flow: list[list[float]]) -> str:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from kdframe.plugins import load_plugins
 
     host = load_plugins(args.plugins)
+    if args.json:
+        print(json.dumps(plugins_json(host), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="kdframe plugins")
     for column in ("name", "version", "source", "hooks", "registers"):
         table.add_column(column)
@@ -192,6 +205,42 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table.add_row(info.name, info.version, info.source, ", ".join(host.hooks_of(info.name)),
                       ", ".join(host.registry.by_plugin(info.name)))
     Console(width=200).print(table)
+    return 0
+
+
+def plugins_json(host: Any) -> dict[str, Any]:
+    """What ``kdframe plugins --json`` prints: everything the loaded plugins registered."""
+    from kdframe.schema import params_schema
+
+    registry = host.registry
+    return {
+        "plugins": [{**attrs.asdict(info), "hooks": host.hooks_of(info.name), "registers": registry.by_plugin(info.name)}
+                    for info in host.infos],
+        "strategies": [{"slot": s.slot, "name": s.name, "plugin": s.plugin, "description": s.description,
+                        "needs": sorted(s.needs), "keeps_marginals": s.keeps_marginals, "fixed": s.fixed,
+                        "needs_marginals": s.needs_marginals, "student_only": s.student_only,
+                        "params": params_schema(s.params)} for s in registry.all()],
+        "data_sources": [{"name": d.name, "plugin": d.plugin, "description": d.description,
+                          "defines_tasks": d.task is not None, "params": params_schema(d.params)}
+                         for d in registry.data_sources()],
+        "tasks": [{"name": t.name, "source": t.source, "plugin": t.plugin, **attrs.asdict(t.info)}
+                  for t in registry.tasks()],
+        "model_sources": [attrs.asdict(m) for m in registry.model_sources()],
+    }
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from kdframe.plugins import load_plugins
+    from kdframe.schema import recipe_schema
+
+    text = json.dumps(recipe_schema(load_plugins(args.plugins).registry), indent=2) + "\n"
+    if args.out:
+        from kdframe.fileio import atomic_write
+
+        atomic_write(Path(args.out), lambda f: f.write(text.encode()))
+        print(args.out)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -227,6 +276,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "validate": cmd_validate,
     "plugins": cmd_plugins,
+    "schema": cmd_schema,
     "export": cmd_export,
     "ablate": cmd_ablate,
     "report": cmd_report,

@@ -27,6 +27,7 @@ from kdframe import hookspecs
 from kdframe.plugins import load_plugins
 from kdframe.recipe import Recipe, converter
 from kdframe.registry import SLOTS, DataSource, Registry, Strategy
+from kdframe.schema import field_comments
 
 # -- recipes.md -------------------------------------------------------------------------------
 
@@ -122,19 +123,6 @@ def _allowed_text(row: Row) -> str:
     return ", ".join(parts)
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# ...`` comments of a class's field lines: the fields' one-line documentation."""
-    comments = {}
-    for klass in reversed(cls.__mro__):  # subclasses override their bases' comments
-        if not attrs.has(klass):
-            continue
-        for line in inspect.getsource(klass).splitlines():
-            match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-            if match:
-                comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
 def _doc(obj: Any) -> str:
     return inspect.cleandoc(obj.__doc__) if obj.__doc__ else ""
 
@@ -143,7 +131,7 @@ def _table(rows: list[Row]) -> list[str]:
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     comments: dict[type, dict[str, str]] = {}
     for row in rows:
-        note = comments.setdefault(row.owner, _field_comments(row.owner)).get(row.field.name, "")
+        note = comments.setdefault(row.owner, field_comments(row.owner)).get(row.field.name, "")
         cells = [f"`{row.path}`", _type_text(row.type), _default_text(row.field), _allowed_text(row), note]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return lines

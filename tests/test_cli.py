@@ -119,8 +119,9 @@ def test_p_naming_an_installed_plugin_is_harmless(cli):
 HEAVY = ("torch", "transformers", "datasets", "accelerate", "ot", "scipy", "numpy")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["plugins"], ["validate", "BAD"]],
-                         ids=["help", "run-help", "plugins", "validate-bad-recipe"])
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["plugins"], ["plugins", "--json"], ["schema"],
+                                  ["validate", "BAD"]],
+                         ids=["help", "run-help", "plugins", "plugins-json", "schema", "validate-bad-recipe"])
 def test_commands_that_train_nothing_import_no_heavy_package(args, tmp_path):
     """They answer in a fraction of a second: no torch, transformers, POT or scipy import (seconds
     of CPU each). Installed plugins are loaded too (the example plugin, when installed)."""
