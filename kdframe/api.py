@@ -13,6 +13,7 @@ from kdframe.registry import DataSource, ModelSource, NoParams, Registry, Strate
 from kdframe.tokens import check_columns, first_true, quiet_progress, tokenize_to_arrow, tokenizer_identity
 from kdframe.types import (
     FEATURES,
+    Control,
     Features,
     LayerWeights,
     LoadedModel,
@@ -25,6 +26,7 @@ from kdframe.types import (
 __all__ = [
     "FEATURES",
     "MAX_SEED",
+    "Control",
     "DataError",
     "DataSource",
     "Features",

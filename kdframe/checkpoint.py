@@ -8,8 +8,9 @@ data (``torch.load(weights_only=True)`` reads it; nothing in it can run code):
 - the boundary after a finished stage (``stage`` None): the student's weights, and the index of
   the next stage, which starts with a fresh optimizer.
 
-Format 1 (before the ``format`` key existed) has the same layout and is read as it is; a newer
-format than this kdframe knows is refused with a message.
+Format 1 (before the ``format`` key existed) has the same layout and is read as it is; format 3
+adds ``stopped`` to the stage's position (older files read as not stopped). A newer format than
+this kdframe knows is refused with a message.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from kdframe.errors import KdframeError
 from kdframe.fileio import atomic_write
 
-FORMAT = 2
+FORMAT = 3
 
 
 @attrs.define
@@ -42,6 +43,7 @@ class StageProgress:
     skipped: int = 0  # non-finite steps skipped (nonfinite = "skip")
     last_eval: dict[str, float] | None = None
     elapsed_s: float = 0.0  # training time of the stage up to this checkpoint, over every session of the run
+    stopped: str = ""  # why a plugin ended the stage early (kdframe.api.Control); empty: it runs on
 
 
 @attrs.frozen

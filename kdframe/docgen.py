@@ -199,7 +199,7 @@ def _data_source_section(source: DataSource, registry: Registry) -> list[str]:
 
 def strategy_param_path(strategy: Strategy, field: str) -> str:
     """Where a param is written in a recipe, e.g. ``stages[].losses.pred.temperature``."""
-    table = f"losses.{strategy.name}" if strategy.slot == "loss" else strategy.slot
+    table = {"loss": f"losses.{strategy.name}", "control": f"controls.{strategy.name}"}.get(strategy.slot, strategy.slot)
     return f"stages[].{table}.{field}"
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from kdframe.registry import Registry
-    from kdframe.types import Features, LayerWeights, LoadedModel, StageContext, TaskInfo, TokenizedSplit
+    from kdframe.types import Control, Features, LayerWeights, LoadedModel, StageContext, TaskInfo, TokenizedSplit
 
 hookspec = pluggy.HookspecMarker("kdframe")
 
@@ -388,9 +388,10 @@ def kdframe_stage_start(ctx: StageContext) -> None:
 
 
 @hookspec
-def kdframe_step_end(ctx: StageContext, record: dict[str, Any]) -> None:
+def kdframe_step_end(ctx: StageContext, record: dict[str, Any]) -> Control | None:
     """An optimizer step ended; ``record`` holds its loss, lr and each term (``skipped: true`` and
-    no loss for a skipped non-finite step).
+    no loss for a skipped non-finite step). Return a ``kdframe.api.Control`` to ask the engine to
+    evaluate, save a checkpoint or stop the stage after this step (or None: nothing).
 
     Called: after every optimizer step (and every skipped non-finite step) of every stage; the
     record is also written to metrics.jsonl every ``log_every`` steps.
@@ -399,22 +400,29 @@ def kdframe_step_end(ctx: StageContext, record: dict[str, Any]) -> None:
 
         @hookimpl
         def kdframe_step_end(ctx, record):
-            if ctx.step % 100 == 0:
-                wandb.log({f"{ctx.stage.name}/{k}": v for k, v in record.items()}, step=ctx.step)
+            if record.get("loss", 0.0) > 50:  # diverging: evaluate now and end the stage
+                return Control(stop=True, reason=f"loss {record['loss']:.1f} at step {ctx.step}")
+            return None
     """
 
 
 @hookspec
-def kdframe_eval_end(ctx: StageContext, metrics: dict[str, float]) -> None:
-    """A dev evaluation ended with ``metrics``.
+def kdframe_eval_end(ctx: StageContext, metrics: dict[str, float]) -> Control | None:
+    """A dev evaluation ended with ``metrics``. Return a ``Control`` to stop the stage (or save a
+    checkpoint) after it, or None. The stage's ``controls`` (its recipe's control strategies, with
+    their params) are in ``ctx.controls``: the bundled ``early-stopping`` is one.
 
-    Called: after each dev evaluation inside a stage (``eval_every``, end of epoch or stage).
+    Called: after each dev evaluation inside a stage (``eval_every``, end of epoch or stage, or
+    when a plugin asked for one).
 
     Example::
 
         @hookimpl
         def kdframe_eval_end(ctx, metrics):
-            wandb.log({f"{ctx.stage.name}/dev_{k}": v for k, v in metrics.items()}, step=ctx.step)
+            chosen = ctx.controls.get("target")  # registered: registry.add("control", "target", TargetParams)
+            if chosen and metrics[ctx.task.main_metric] >= chosen.params.value:
+                return Control(stop=True, reason=f"reached {chosen.params.value}")
+            return None
     """
 
 

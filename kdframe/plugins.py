@@ -27,7 +27,7 @@ import pluggy
 from kdframe import hookspecs
 from kdframe.errors import PluginError
 from kdframe.registry import Registry
-from kdframe.types import Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
+from kdframe.types import Control, Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit
 
 GROUP = "kdframe"
 hookimpl = pluggy.HookimplMarker("kdframe")
@@ -168,11 +168,21 @@ class PluginHost:
     def stage_start(self, ctx: StageContext) -> None:
         self.pm.hook.kdframe_stage_start(ctx=ctx)
 
-    def step_end(self, ctx: StageContext, record: dict[str, Any]) -> None:
-        self.pm.hook.kdframe_step_end(ctx=ctx, record=record)
+    def step_end(self, ctx: StageContext, record: dict[str, Any]) -> Control:
+        return self._control("kdframe_step_end", ctx=ctx, record=record)
 
-    def eval_end(self, ctx: StageContext, metrics: dict[str, float]) -> None:
-        self.pm.hook.kdframe_eval_end(ctx=ctx, metrics=metrics)
+    def eval_end(self, ctx: StageContext, metrics: dict[str, float]) -> Control:
+        return self._control("kdframe_eval_end", ctx=ctx, metrics=metrics)
+
+    def _control(self, hook: str, **kwargs: Any) -> Control:
+        """What every plugin's answer asks of the engine, together (None asks nothing)."""
+        control = Control()
+        for result in getattr(self.pm.hook, hook)(**kwargs):
+            if not isinstance(result, Control):
+                raise PluginError(f"{hook} must return a kdframe.api.Control or None, got {type(result).__name__}"
+                                  f" (plugins implementing it: {', '.join(self._implementers(hook))})")
+            control |= result
+        return control
 
     def stage_end(self, ctx: StageContext) -> None:
         self.pm.hook.kdframe_stage_end(ctx=ctx)

@@ -93,6 +93,7 @@ class Stage:
     mapping: StrategyChoice | None = None  # which student layer learns from which teacher layers (Strategies)
     weighting: StrategyChoice | None = None  # how the layer weights change as training goes (Strategies)
     losses: dict[str, LossChoice] = attrs.Factory(lambda: {"hard": LossChoice(1.0)})  # term = weight, or a table with weight and params
+    controls: dict[str, dict[str, Any]] = attrs.Factory(dict)  # controls that may end the stage early, NAME = {params}: early-stopping = { patience = 3 }
 
 
 @attrs.frozen
@@ -524,6 +525,7 @@ class ResolvedStage:
     mapping: Selected | None
     weighting: Selected | None
     losses: dict[str, Selected]  # active terms only (weight != 0)
+    controls: dict[str, Selected] = attrs.Factory(dict)
 
     def needs(self, registry: Registry) -> frozenset[str]:
         """Features this stage reads from both models (logits always come)."""
@@ -556,6 +558,11 @@ def resolve_stage(stage: Stage, registry: Registry, path: str) -> tuple[Resolved
         selected = choose("loss", StrategyChoice(name, loss.params), f"{path}.losses.{name}", loss.weight)
         if selected is not None and loss.weight != 0:
             losses[name] = selected
+    controls: dict[str, Selected] = {}
+    for name, params in stage.controls.items():
+        selected = choose("control", StrategyChoice(name, params), f"{path}.controls.{name}")
+        if selected is not None:
+            controls[name] = selected
     if not stage.losses or (not losses and not problems):
         problems.append(f"{path}.losses: no loss term has a non-zero weight; known terms: {', '.join(registry.names('loss'))}")
     if stage.weighting is not None and stage.mapping is None:  # not when the mapping is given but invalid
@@ -563,7 +570,7 @@ def resolve_stage(stage: Stage, registry: Registry, path: str) -> tuple[Resolved
     if mapping is not None and weighting is not None:
         problems += _marginal_problems(registry.get("mapping", mapping.name), registry.get("weighting", weighting.name),
                                        path)
-    return ResolvedStage(stage, mapping, weighting, losses), problems
+    return ResolvedStage(stage, mapping, weighting, losses, controls), problems
 
 
 def _marginal_problems(mapping: Strategy, weighting: Strategy, path: str) -> list[str]:

@@ -16,7 +16,7 @@ import attrs
 from kdframe.errors import PluginError, RecipeError
 from kdframe.types import FEATURES, TaskInfo
 
-SLOTS = ("mapping", "weighting", "loss")
+SLOTS = ("mapping", "weighting", "loss", "control")
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -124,7 +124,8 @@ class Registry:
         fixed: bool = False,
         needs_marginals: bool = False,
     ) -> Strategy:
-        """Register the strategy ``name`` in ``slot`` (mapping, weighting or loss)."""
+        """Register the strategy ``name`` in ``slot`` (mapping, weighting, loss or control: a
+        control watches a stage through the event hooks and may stop it, see ``Control``)."""
         if slot not in self._strategies:
             raise PluginError(f"plugin {self._caller()!r} registers {name!r} in unknown slot {slot!r};"
                               f" slots are: {', '.join(SLOTS)}")

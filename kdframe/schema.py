@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from kdframe.recipe import DataSpec, LossChoice, Recipe, StrategyChoice, converter
+from kdframe.recipe import DataSpec, LossChoice, Recipe, Stage, StrategyChoice, converter
 from kdframe.registry import Registry
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -85,6 +85,8 @@ class _Builder:
             return self.choice(field.name)
         if field.name == "losses" and typing.get_args(tp)[1:] == (LossChoice,):
             return self.losses()
+        if owner is Stage and field.name == "controls":
+            return self.controls()
         prop = self.type(tp)
         bounds = field.metadata.get("bounds")
         if bounds is not None:
@@ -144,6 +146,12 @@ class _Builder:
                                          "description": strategy.description}
         return {"type": "object", "properties": properties, "additionalProperties": False,
                 "description": "loss terms: NAME = weight, or a table with weight and the term's params"}
+
+    def controls(self) -> dict[str, Any]:
+        """Controls by name, each a table of its params."""
+        properties = {s.name: {**self.object(s.params), "description": s.description} for s in self.strategies("control")}
+        return {"type": "object", "properties": properties, "additionalProperties": False,
+                "description": "controls that may end the stage early: NAME = { params }"}
 
     def data(self) -> dict[str, Any]:
         """``[data]``: the core keys beside one data source's own keys, for each source."""

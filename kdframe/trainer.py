@@ -35,7 +35,7 @@ from kdframe.rundir import LAYER_WEIGHTS, METRICS, TEACHER, TEACHER_SOURCE, RunD
 from kdframe.session import Session
 from kdframe.step import DistillStep, StepRecord, stage_context, train_step
 from kdframe.teacher_cache import open_teacher_cache
-from kdframe.types import LoadedModel
+from kdframe.types import Control, LoadedModel
 
 
 class StopRequest:
@@ -268,20 +268,20 @@ class Trainer:
                 progress, self.host.state_dict(ctx), checkpoint.rng_state()), self.elapsed()).to_file(),
                 self.run_dir.checkpoint)
 
-        def run_eval() -> None:
+        def run_eval() -> Control:
             metrics = self.evaluate(student, stage.eval_batch_size)
             value = metrics[s.task.main_metric]
             self.run_dir.append_jsonl(METRICS, {"stage": key, "split": "dev", "step": progress.step, **metrics})
-            self.host.eval_end(ctx, metrics)
             progress.last_eval = metrics
             if progress.best is None or value > progress.best[s.task.main_metric]:
                 progress.best, progress.best_step = metrics, progress.step
                 self.save(model.state_dict(), self.run_dir.best(key))
+            return self.host.eval_end(ctx, metrics)
 
         label = f"{key} ({student.description.split(':')[0]})" if index < 0 else key
         self.progress.start(label, total, progress.step)
         started, elapsed_before = time.monotonic(), progress.elapsed_s  # a resumed stage counts its earlier time
-        while progress.step < total:
+        while progress.step < total and not progress.stopped:
             order = epoch_order(len(s.train), s.recipe.seed, index, progress.epoch)
             for b in range(progress.batch, steps_per_epoch):
                 if progress.step >= total:
@@ -311,20 +311,24 @@ class Trainer:
                 if progress.step % stage.log_every == 0 or progress.step == total:
                     self.run_dir.append_jsonl(METRICS, {"stage": key, "step": progress.step, **log})
                     self.log_layer_weights(key, progress.step, record)
-                self.host.step_end(ctx, log)
-                evaluated = bool(stage.eval_every) and progress.step % stage.eval_every == 0
-                if evaluated:
-                    run_eval()
+                control = self.host.step_end(ctx, log)
                 end_of_epoch = progress.batch == steps_per_epoch
-                if not evaluated and (progress.step >= total or (stage.eval_every == 0 and end_of_epoch)):
-                    run_eval()
-                    evaluated = True
+                evaluated = (control.evaluate or control.stop or progress.step >= total
+                             or (stage.eval_every and progress.step % stage.eval_every == 0)
+                             or (stage.eval_every == 0 and end_of_epoch))
+                if evaluated:
+                    control |= run_eval()
                 if end_of_epoch:
                     progress.epoch += 1
                     progress.batch = 0
+                # A plugin's stop ends the stage here (the checkpoint records it, so a resume does too).
+                if self.processes.any_process(control.stop):
+                    progress.stopped = control.reason or "a plugin asked to stop"
+                    self.progress.message(f"[{key}] stopping at step {progress.step}: {progress.stopped}")
                 # Ctrl-C reaches the processes at different moments: they agree here and stop after the same step.
                 stop = self.processes.any_process(self.stop.requested)
-                if evaluated or (stage.checkpoint_every and progress.step % stage.checkpoint_every == 0) or stop:
+                if (evaluated or control.save or stop or progress.stopped
+                        or (stage.checkpoint_every and progress.step % stage.checkpoint_every == 0)):
                     save_checkpoint()
                 info = "skipped (non-finite)" if record.nonfinite else f"loss {record.loss:.4f}"
                 if progress.last_eval:
@@ -333,7 +337,7 @@ class Trainer:
                 if stop:
                     raise Interrupted(f"interrupted at {key} step {progress.step}; checkpoint written."
                                       f" Resume with: {shlex.join(self.resume_command())}", self.stop.exit_code)
-                if end_of_epoch:
+                if end_of_epoch or progress.stopped:
                     break
         self.progress.stop()
         wall = elapsed_before + time.monotonic() - started
@@ -347,7 +351,7 @@ class Trainer:
         stage_summary = {"steps": progress.step, "wall_time_s": round(wall, 2),
                          "steps_per_s": round(progress.step / wall, 3) if wall else None, "best": progress.best,
                          "best_step": progress.best_step, "final": final, "selected": selected,
-                         "skipped_steps": progress.skipped,
+                         "skipped_steps": progress.skipped, **({"stopped": progress.stopped} if progress.stopped else {}),
                          **({"teacher_cache": cache.stats()} if cache is not None else {})}
         if index >= 0:
             # The next stage starts from this model with fresh optimizer state.

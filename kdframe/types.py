@@ -151,12 +151,30 @@ class Selected:
     weight: float = 1.0  # loss terms only
 
 
+@attrs.frozen
+class Control:
+    """What an event hook (``kdframe_step_end``, ``kdframe_eval_end``) may ask of the engine after
+    the step: ``stop`` the stage (it ends as if its steps had run out: the best model is selected,
+    the next stage starts), ``evaluate`` on the dev set now, ``save`` a checkpoint now. ``reason``
+    says why, in logs and in the stage's summary. Requests of several plugins add up."""
+
+    stop: bool = False
+    evaluate: bool = False
+    save: bool = False
+    reason: str = ""
+
+    def __or__(self, other: Control) -> Control:
+        reason = "; ".join(r for r in (self.reason, other.reason) if r)
+        return Control(self.stop or other.stop, self.evaluate or other.evaluate, self.save or other.save, reason)
+
+
 @attrs.define
 class StageContext:
     """Everything a strategy hook may read about the stage being trained.
 
     ``mapping`` and ``weighting`` are the recipe's choices (or None), ``losses`` maps each active
-    loss term (non-zero weight) to its choice. ``state`` is scratch space plugins may use during
+    loss term (non-zero weight) to its choice, ``controls`` each control the stage names to its
+    choice. ``state`` is scratch space plugins may use during
     the stage; what must survive a resume goes through the state_dict hooks.
     """
 
@@ -174,6 +192,7 @@ class StageContext:
     weighting: Selected | None
     losses: dict[str, Selected]
     device: torch.device
+    controls: dict[str, Selected] = attrs.Factory(dict)
     step: int = 0
     state: dict[str, Any] = attrs.Factory(dict)
 

@@ -64,9 +64,10 @@ def test_killed_run_resumes_to_the_same_result(reference_run, tmp_path, kill):
     assert killed.returncode == -9, killed.stderr
     assert not (out / "summary.json").exists()
     state = torch.load(out / "checkpoint.pt", weights_only=True)  # the previous checkpoint survived
-    assert state["format"] == 2 and state["stage"] == "distil"
+    assert state["format"] == 3 and state["stage"] == "distil"
     if kill.endswith("format-1"):
         del state["format"]
+        del state["position"]["stopped"]  # format 3's
         torch.save(state, out / "checkpoint.pt")
     resumed = run_cli("run", SMOKE, "--resume", str(out), "--progress", "off")
     assert resumed.returncode == 0, resumed.stderr
@@ -158,7 +159,7 @@ def test_checkpoint_of_a_newer_format_is_refused(reference_run, tmp_path):
     torch.save({**state, "format": 99}, run / "checkpoint.pt")
     result = run_cli("run", SMOKE, "--resume", str(run), "--progress", "off")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"checkpoint {run / 'checkpoint.pt'} cannot be resumed (format 99, this kdframe reads formats 1 to 2:" \
+    assert f"checkpoint {run / 'checkpoint.pt'} cannot be resumed (format 99, this kdframe reads formats 1 to 3:" \
            " update kdframe)" in result.stderr
 
 
