@@ -27,6 +27,7 @@ from cattrs.cols import list_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 
 from kdframe.errors import RecipeError
+from kdframe.tracking import tracking_problems
 from kdframe.registry import Registry, Strategy
 from kdframe.rundir import TEACHER
 from kdframe.types import Selected
@@ -152,6 +153,20 @@ class TeacherCacheSpec:
     storage: Literal["memory", "disk"] = "memory"  # this process only, or on disk for later runs
 
 
+TRACKERS = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
+
+
+@attrs.frozen
+class TrackingSpec:
+    """``[tracking]``: also send what the run logs (training records, dev scores, layer weights,
+    the summary) to experiment trackers, accelerate's (kdframe.tracking names what goes where)."""
+
+    trackers: list[TRACKERS] = attrs.Factory(list)  # e.g. ["tensorboard"]; each needs its package installed
+    project: str = ""  # the project (experiment) the trackers file the run under; empty: the recipe's name
+    run_name: str = ""  # the run's name in the trackers; empty: the run directory's name
+    dir: str = path_field("dir")  # where file-based trackers write (TensorBoard: DIR/PROJECT/RUN); empty: RUN_DIR/tracking
+
+
 @attrs.frozen
 class Recipe:
     data: DataSpec  # the task and its data
@@ -163,6 +178,7 @@ class Recipe:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
     teacher_cache: TeacherCacheSpec = attrs.Factory(TeacherCacheSpec)  # reuse the teacher's features
+    tracking: TrackingSpec = attrs.Factory(TrackingSpec)  # experiment trackers (TensorBoard, W&B, MLflow, ...)
 
 
 # -- structuring ------------------------------------------------------------------------
@@ -671,6 +687,7 @@ def load_recipe(path: str | Path, overrides: list[str], registry: Registry) -> L
     if not recipe.stages:
         problems.append("stages: at least one [[stages]] table is required")
     problems += _name_problems(recipe)
+    problems += tracking_problems(recipe.tracking)
     data, found = resolve_data(recipe.data, registry)
     problems += found + _model_source_problems(recipe, registry)
     recipe = _resolve_paths(attrs.evolve(recipe, data=data), (), origins, path.resolve().parent)

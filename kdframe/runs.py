@@ -21,6 +21,7 @@ from kdframe.progress import Progress
 from kdframe.recipe import load_recipe, to_plain
 from kdframe.rundir import PROGRESS, RECIPE, RunDir
 from kdframe.session import Session, prepare
+from kdframe.tracking import Trackers
 from kdframe.trainer import Trainer
 
 
@@ -85,6 +86,11 @@ def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[s
         trainer.progress.status_file = run_dir.path / PROGRESS
     run_dir.write_env(session.recipe.seed, str(trainer.device), [attrs.asdict(info) for info in session.host.infos])
     trainer.progress.message(f"run directory: {run_dir.path.resolve()}")
+    tracking = session.recipe.tracking
+    trainer.trackers = Trackers.open(tracking, tracking.project or session.recipe.name,
+                                     tracking.run_name or run_dir.path.resolve().name,
+                                     Path(tracking.dir) if tracking.dir else run_dir.path / "tracking",
+                                     to_plain(session.recipe), trainer.is_main)
     return trainer.run(resume=bool(resume))
 
 

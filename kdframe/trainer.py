@@ -35,6 +35,7 @@ from kdframe.rundir import LAYER_WEIGHTS, METRICS, TEACHER, TEACHER_SOURCE, RunD
 from kdframe.session import Session
 from kdframe.step import DistillStep, StepRecord, stage_context, train_step
 from kdframe.teacher_cache import open_teacher_cache
+from kdframe.tracking import Trackers
 from kdframe.types import Control, LoadedModel
 
 
@@ -103,6 +104,7 @@ class Trainer:
             self.progress = Progress("off")  # progress output from the main process only
         self.stop = StopRequest(self.progress, self.world)
         self.stage_summaries: dict[str, Any] = {}
+        self.trackers = Trackers()  # the recipe's [tracking], opened once the run directory is known
 
     def save(self, obj: Any, path: Path) -> None:
         """Only the main process writes files; the others hold the same state. checkpoint.pt keeps
@@ -117,6 +119,10 @@ class Trainer:
             raise RunFailed(f"cannot write {path}: {exc.strerror or exc}"
                             + (f"; the last checkpoint ({self.run_dir.checkpoint}) is intact: once there is room,"
                                f" resume with {shlex.join(self.resume_command())}" if intact else "")) from None
+
+    def track(self, stage: str, kind: str, step: int, values: dict[str, Any]) -> None:
+        """``values`` to the experiment trackers, as ``STAGE/KIND/NAME``."""
+        self.trackers.log({f"{stage}/{kind}/{name}": value for name, value in values.items()}, step)
 
     def evaluate(self, loaded: LoadedModel, batch_size: int) -> dict[str, float]:
         return evaluate(self.host, self.session.dev, loaded, batch_size, self.device, self.processes,
@@ -164,6 +170,8 @@ class Trainer:
             summary["wall_time_s"] = round(self.elapsed(), 2)
             self.save(s.student.model.state_dict(), self.run_dir.path / "student.pt")
             self.run_dir.write_json("summary.json", summary)
+            for which in ("best", "final"):
+                self.track("summary", f"student_{which}", 0, summary["student"][which] or {})
             self.host.run_end(self, summary)
             return summary
         except BaseException as exc:
@@ -173,6 +181,7 @@ class Trainer:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.progress.stop()
+            self.trackers.finish()
 
     @staticmethod
     def resumed(state: Checkpoint | None, key: str) -> Checkpoint | None:
@@ -213,6 +222,7 @@ class Trainer:
         if not any(r.get("kind") == "teacher" for r in iter_jsonl(self.run_dir.path / METRICS)):
             self.run_dir.append_jsonl(METRICS, {"stage": TEACHER, "split": "dev", "step": -1, "kind": "teacher",
                                                 **metrics})
+        self.track(TEACHER, "selected", 0, metrics)
         self.progress.message(f"teacher ({source}): {format_metrics(metrics)}")
         return {"description": teacher.description, "params": count_parameters(teacher.model), "dev": metrics,
                 "source": source}
@@ -272,6 +282,7 @@ class Trainer:
             metrics = self.evaluate(student, stage.eval_batch_size)
             value = metrics[s.task.main_metric]
             self.run_dir.append_jsonl(METRICS, {"stage": key, "split": "dev", "step": progress.step, **metrics})
+            self.track(key, "dev", progress.step, metrics)
             progress.last_eval = metrics
             if progress.best is None or value > progress.best[s.task.main_metric]:
                 progress.best, progress.best_step = metrics, progress.step
@@ -310,6 +321,7 @@ class Trainer:
                 log = record.log()
                 if progress.step % stage.log_every == 0 or progress.step == total:
                     self.run_dir.append_jsonl(METRICS, {"stage": key, "step": progress.step, **log})
+                    self.track(key, "train", progress.step, log)
                     self.log_layer_weights(key, progress.step, record)
                 control = self.host.step_end(ctx, log)
                 end_of_epoch = progress.batch == steps_per_epoch
@@ -375,3 +387,6 @@ class Trainer:
             self.run_dir.append_jsonl(LAYER_WEIGHTS, {
                 "stage": key, "step": step, "kind": kind, "student": ws.float().cpu().tolist(),
                 "teacher": wt.float().cpu().tolist(), "flow": flow.detach().float().cpu().tolist()})
+            self.track(key, f"layer_weights/{kind}", step,
+                       {**{f"student_{i}": w for i, w in enumerate(ws.float().cpu().tolist(), 1)},
+                        **{f"teacher_{j}": w for j, w in enumerate(wt.float().cpu().tolist(), 1)}})
