@@ -20,9 +20,11 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracked") / "run"
+    base = tmp_path_factory.mktemp("tracked")
+    out = base / "run"
+    # A cache of its own: the teacher is fine-tuned in this run, whichever tests ran before.
     result = run_cli("run", SMOKE, "--out", str(out), "--progress", "off", "--set", 'tracking.trackers=["tensorboard"]',
-                     "--set", 'tracking.run_name="first"')
+                     "--set", 'tracking.run_name="first"', env={"KDFRAME_CACHE": str(base / "cache")})
     assert result.returncode == 0, result.stderr
     [folder] = (out / "tracking" / "smoke_tiny").glob("first")
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
@@ -46,6 +48,7 @@ def test_every_logged_number_reaches_tensorboard(tracked):
     teacher = next(r for r in records if r.get("kind") == "teacher")
     assert scalars(events, "teacher/selected/f1") == [(0, pytest.approx(teacher["f1"], rel=1e-6))]
     fine_tuning = [r for r in records if r["stage"] == "teacher" and r.get("split") == "dev" and "kind" not in r]
+    assert fine_tuning
     assert scalars(events, "teacher/dev/f1") == [(r["step"], pytest.approx(r["f1"], rel=1e-6)) for r in fine_tuning]
     weights = [r for r in read_jsonl(out / "layer_weights.jsonl") if r["stage"] == "distil" and r["kind"] == "hid"]
     assert scalars(events, "distil/layer_weights/hid/teacher_3") == [
