@@ -48,9 +48,13 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     schema.add_argument("--out", help="write it to this file instead")
     _common(schema, overrides=False)
 
-    export = sub.add_parser("export", help="write a run's student in its model framework's own format")
+    export = sub.add_parser("export", help="write a run's student in its model framework's own format, with a"
+                                           " model card (README.md)")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload it to this Hugging Face hub model"
+                                                              " repository (OWNER/NAME; created if missing)")
+    export.add_argument("--private", action="store_true", help="a new hub repository is private")
     _common(export, overrides=False)
 
     ablate = sub.add_parser("ablate", help="run a grid of recipe variants x tasks x seeds and report")
@@ -247,7 +251,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kdframe.runs import export
 
-    print(export(args.run_dir, args.out_dir, args.plugins))
+    print(export(args.run_dir, args.out_dir, args.plugins, args.push_to_hub, args.private))
     return 0
 
 

@@ -7,19 +7,20 @@ the run directory is created (or reopened) and the ``Trainer`` runs.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from kdframe import checkpoint
+from kdframe import card, checkpoint
 from kdframe.caches import cache_root, check_writable, teacher_path
 from kdframe.errors import KdframeError, RunFailed
 from kdframe.plan import plan
 from kdframe.progress import Progress
 from kdframe.recipe import load_recipe, to_plain
-from kdframe.rundir import PROGRESS, RECIPE, RunDir
+from kdframe.rundir import PROGRESS, RECIPE, SUMMARY, RunDir
 from kdframe.session import Session, prepare
 from kdframe.tracking import Trackers
 from kdframe.trainer import Trainer
@@ -94,12 +95,16 @@ def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[s
     return trainer.run(resume=bool(resume))
 
 
-def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = ()) -> str:
-    """Write a finished run's student in its framework's own format (``kdframe_export_model``)."""
+def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = (), push_to_hub: str | None = None,
+           private: bool = False) -> str:
+    """Write a finished run's student in its framework's own format (``kdframe_export_model``) with
+    a model card (README.md) beside it; with ``push_to_hub``, upload both to that hub repository."""
     run_dir, out = Path(run_path), Path(out_dir)
+    if push_to_hub is not None:
+        card.check_repo_id(push_to_hub)
     weights = run_dir / "student.pt"
-    if not (run_dir / RECIPE).exists() or not weights.exists():
-        raise KdframeError(f"{run_dir} holds no finished run (needs {RECIPE} and student.pt)")
+    if not all((run_dir / name).exists() for name in (RECIPE, SUMMARY, weights.name)):
+        raise KdframeError(f"{run_dir} holds no finished run (needs {RECIPE}, {SUMMARY} and {weights.name})")
     if out.exists() and not out.is_dir():
         raise KdframeError(f"export: {out} is a file; give a directory to write the model into")
     try:
@@ -111,4 +116,9 @@ def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = ()) -> s
     written = session.host.export_model(session.student, str(out), session.task, session.recipe.data.max_length)
     if not any(out.iterdir()):  # a plugin that said it exported, and wrote nothing
         raise RunFailed(f"export: nothing was written to {out}")
+    summary = json.loads((run_dir / SUMMARY).read_text())
+    speed = card.measure_speed(session, session.recipe.data.max_length)
+    card.write(out, card.render(session, summary, (run_dir / RECIPE).read_text(), speed))
+    if push_to_hub is not None:
+        return f"{written}\npushed to {card.push_to_hub(out, push_to_hub, private)}"
     return written

@@ -140,6 +140,8 @@ class LoadedModel:
     vocab_size: int
     features: frozenset[str] = frozenset(FEATURES)
     max_length: int | None = None  # the longest input in tokens it takes (position embeddings); None: no limit
+    # What a model card says of it, as its loader knows: license, base_model (a hub id), library_name.
+    card: dict[str, str] = attrs.Factory(dict)
 
 
 @attrs.frozen

@@ -91,7 +91,9 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     # A checkpoint without a task head (e.g. a plain BertModel) gets a fresh one: expected, so it
     # goes into the description instead of transformers' warning.
     missing = sorted(info["missing_keys"])
-    return _loaded(model, tokenizer, f"pretrained {source}", f"; newly initialised: {', '.join(missing)}" if missing else "")
+    loaded = _loaded(model, tokenizer, f"pretrained {source}", f"; newly initialised: {', '.join(missing)}" if missing else "")
+    loaded.card.update(card_facts(source))
+    return loaded
 
 
 def _from_config(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
@@ -161,8 +163,10 @@ def _from_teacher_layers(role: str, spec: Any, teacher: LoadedModel, base_dir: s
     note = keep_layers(model, layers)
     # The engine may have frozen the teacher already; the copy is the student and must train.
     model.requires_grad_(True)
-    return _loaded(model, _tokenizer(role, spec, teacher, base_dir, cache_dir),
-                   f"teacher layers {layers} (0-indexed, embeddings and classifier copied{note})", "")
+    loaded = _loaded(model, _tokenizer(role, spec, teacher, base_dir, cache_dir),
+                     f"teacher layers {layers} (0-indexed, embeddings and classifier copied{note})", "")
+    loaded.card.update({k: v for k, v in teacher.card.items() if k in ("license", "base_model")})
+    return loaded
 
 
 def keep_layers(model: PreTrainedModel, layers: list[int]) -> str:
@@ -265,7 +269,28 @@ def _loaded(model: PreTrainedModel, tokenizer: Any, origin: str, note: str) -> L
     return LoadedModel(model=model, tokenizer=tokenizer, description=f"{origin}: {_shape(config)}{note}",
                        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                        num_heads=config.num_attention_heads, vocab_size=config.vocab_size, features=features,
-                       max_length=longest_input(model))
+                       max_length=longest_input(model), card={"library_name": "transformers"})
+
+
+def card_facts(source: str) -> dict[str, str]:
+    """License and base model of a pretrained model, from the front matter of its model card
+    (README.md in its directory, or in the local hub cache for a hub id); a hub id is itself the
+    base model. Nothing is downloaded for this."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    facts = {} if is_local(source) else {"base_model": source}
+    readme = Path(source) / "README.md" if is_local(source) else try_to_load_from_cache(source, "README.md")
+    if not isinstance(readme, (str, Path)) or not Path(readme).is_file():
+        return facts
+    try:
+        metadata = ModelCard.load(readme).data.to_dict()
+    except Exception:  # a card that does not parse says nothing; the export still works
+        return facts
+    if isinstance(metadata.get("license"), str):
+        facts["license"] = metadata["license"]
+    if isinstance(metadata.get("base_model"), str):
+        facts.setdefault("base_model", metadata["base_model"])
+    return facts
 
 
 def longest_input(model: PreTrainedModel) -> int | None:
