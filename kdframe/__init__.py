@@ -1,6 +1,27 @@
 """kdframe: plugin-based knowledge distillation for BERT-family models.
 
-What plugin authors may import is listed in ``kdframe.api``; everything else is private.
+``kdframe.run`` runs a recipe from Python (kdframe.library); what plugin authors may import is
+listed in ``kdframe.api``; everything else is private.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Recipe", "RunResult", "run"]
+
+if TYPE_CHECKING:
+    from kdframe.library import RunResult, run
+    from kdframe.recipe import Recipe
+
+# Imported on first use: `kdframe --help` must not pay for torch and transformers.
+_LAZY = {"run": "kdframe.library", "RunResult": "kdframe.library", "Recipe": "kdframe.recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kdframe' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

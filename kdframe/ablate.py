@@ -135,7 +135,7 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
     Module level so that worker processes can run it; ``status`` comes back "pending" when the
     cell was interrupted (it has a checkpoint, and --resume continues it).
     """
-    from kdframe.runs import start_run
+    from kdframe.library import run
 
     run_dir = Path(root) / cell["dir"]
     started = time.monotonic()
@@ -146,8 +146,8 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
             resume = run_dir if has_checkpoint(run_dir / CHECKPOINT) else None
             if resume is None and run_dir.exists():
                 shutil.rmtree(run_dir)  # died before its first checkpoint: nothing worth keeping
-            summary = start_run(cell["recipe"], cell["overrides"], plugins, str(run_dir),
-                                str(resume) if resume else None, progress)
+            summary = run(cell["recipe"], overrides=cell["overrides"], plugins=plugins, out=None if resume else run_dir,
+                          resume=resume, progress=progress).summary
     except Interrupted as exc:
         return {"status": "pending", "error": None, "wall_time_s": None, "interrupted_by": exc.exit_code}
     except KeyboardInterrupt:

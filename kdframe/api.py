@@ -5,6 +5,8 @@ Anything not re-exported here is private and may change without notice.
 
 from kdframe.errors import DataError, KdframeError, ModelError, PluginError, RecipeError, RunFailed
 from kdframe.fileio import atomic_write
+from kdframe.memory import PREFIX as MEMORY_PREFIX
+from kdframe.memory import get as memory_object
 from kdframe.flows import check_layer_list, fixed_flow, outer_flow, solve_transport
 from kdframe.network import load_hub_dataset, unreachable
 from kdframe.plugins import hookimpl
@@ -26,6 +28,7 @@ from kdframe.types import (
 __all__ = [
     "FEATURES",
     "MAX_SEED",
+    "MEMORY_PREFIX",
     "Control",
     "DataError",
     "DataSource",
@@ -34,6 +37,7 @@ __all__ = [
     "LayerWeights",
     "LoadedModel",
     "ModelError",
+    "memory_object",
     "ModelSource",
     "NoParams",
     "PluginError",

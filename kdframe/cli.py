@@ -135,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdframe.runs import start_run
+    from kdframe.library import run
 
     if args.resume and args.out:
         raise KdframeError("--out and --resume cannot be used together: --resume DIR continues the run in DIR")
-    summary = start_run(args.recipe, args.overrides, args.plugins, args.out, args.resume, args.progress, vars(args))
+    summary = run(args.recipe, overrides=args.overrides, plugins=args.plugins, out=args.out, resume=args.resume,
+                  progress=args.progress, options=vars(args)).summary
     if os.environ.get("RANK", "0") != "0":
         return 0  # under a launcher, the main process reports
     from rich.console import Console

@@ -12,13 +12,14 @@ recipe means the same from anywhere.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import re
 import tomllib
 import typing
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -437,16 +438,20 @@ def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str
     path = path.resolve()
     if path in seen:
         raise RecipeError([f"extends: {path} extends itself (through {', '.join(map(str, seen))})"])
-    raw = read_toml(path)
+    return with_extends(read_toml(path), path.parent, (*seen, path), str(path))
+
+
+def with_extends(raw: dict[str, Any], base: Path, seen: tuple[Path, ...], where: str) -> tuple[dict[str, Any], Origins]:
+    """``raw`` (a recipe written in ``base``) with the recipe it ``extends`` layered under it."""
     parent = raw.pop("extends", None)
-    own = dict.fromkeys(_leaves(raw), path.parent)
+    own = dict.fromkeys(_leaves(raw), base)
     if parent is None:
         return raw, own
     if not isinstance(parent, str):
-        raise RecipeError([f"extends: expected a path (string) in {path}, got {parent!r}"])
-    base, origins = read_with_extends((path.parent / parent).resolve(), (*seen, path))
-    kept = {key: where for key, where in origins.items() if not any(_overlaps(key, mine) for mine in own)}
-    return _merge(base, raw), {**kept, **own}
+        raise RecipeError([f"extends: expected a path (string) in {where}, got {parent!r}"])
+    below, origins = read_with_extends((base / parent).resolve(), seen)
+    kept = {key: folder for key, folder in origins.items() if not any(_overlaps(key, mine) for mine in own)}
+    return _merge(below, raw), {**kept, **own}
 
 
 # -- paths --------------------------------------------------------------------------------
@@ -670,27 +675,41 @@ class LoadedRecipe:
     problems: list[str]
 
 
-def load_recipe(path: str | Path, overrides: list[str], registry: Registry) -> LoadedRecipe:
+#: A recipe as ``load_recipe`` takes it: a TOML file, or its content as a dict (from Python).
+RecipeSource = typing.Union[str, Path, Mapping[str, Any]]
+
+
+def recipe_origin(source: RecipeSource) -> str:
+    """How errors name a recipe: its file, or that it was given in Python."""
+    return "the recipe given in Python" if isinstance(source, Mapping) else str(Path(source).resolve())
+
+
+def load_recipe(source: RecipeSource, overrides: list[str], registry: Registry) -> LoadedRecipe:
     """Read, override, structure and resolve a recipe; every problem found is in ``problems``.
 
-    Raises only when the recipe cannot be structured at all (a RecipeError with every problem
-    of that pass).
+    ``source`` is a TOML file (its relative paths and ``extends`` are relative to it) or the
+    recipe as a dict (relative to the working directory). Raises only when the recipe cannot be
+    structured at all (a RecipeError with every problem of that pass).
     """
-    path = Path(path)
-    raw, origins = read_with_extends(path)
+    if isinstance(source, Mapping):
+        base = Path.cwd()
+        raw, origins = with_extends(copy.deepcopy(dict(source)), base, (), recipe_origin(source))
+    else:
+        raw, origins = read_with_extends(Path(source))
+        base = Path(source).resolve().parent
     for assignment in overrides:
         key = apply_override(raw, assignment)
         origins = {k: v for k, v in origins.items() if not _overlaps(k, key)}  # relative to the recipe itself
     recipe, problems = structure(raw, Recipe)
     if recipe is None:
-        raise RecipeError(problems + _problems_of_the_parts(raw, registry), source=str(path.resolve()))
+        raise RecipeError(problems + _problems_of_the_parts(raw, registry), source=recipe_origin(source))
     if not recipe.stages:
         problems.append("stages: at least one [[stages]] table is required")
     problems += _name_problems(recipe)
     problems += tracking_problems(recipe.tracking)
     data, found = resolve_data(recipe.data, registry)
     problems += found + _model_source_problems(recipe, registry)
-    recipe = _resolve_paths(attrs.evolve(recipe, data=data), (), origins, path.resolve().parent)
+    recipe = _resolve_paths(attrs.evolve(recipe, data=data), (), origins, base)
     stages, teacher_stage, found = resolve_stages(recipe, registry)
     return LoadedRecipe(recipe, stages, teacher_stage, problems + found)
 

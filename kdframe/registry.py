@@ -57,6 +57,11 @@ class DataSource:
     ``task`` marks a source whose recipes define the task themselves (columns, labels, metrics in
     its keys): ``task(name, params)`` gives the TaskInfo of ``data.task = name``, or raises
     RecipeError with problems that start with the key they are about (``"labels: ..."``).
+
+    ``in_memory`` marks a source that reads datasets handed to ``kdframe.run`` in Python:
+    ``in_memory(params, name, splits)`` gives the source's ``[data]`` keys (a dict, as a recipe
+    writes them) that read the ``datasets`` object ``name`` of kdframe.memory, a dict of ``train``
+    and, when given, ``dev``.
     """
 
     name: str
@@ -64,6 +69,7 @@ class DataSource:
     plugin: str
     description: str = ""
     task: Callable[[str, Any], TaskInfo] | None = None
+    in_memory: Callable[[dict[str, Any], str, list[str]], dict[str, Any]] | None = None
 
 
 @attrs.frozen
@@ -141,12 +147,15 @@ class Registry:
         return strategy
 
     def add_data_source(self, name: str, params: type = NoParams, *, description: str = "",
-                        task: Callable[[str, Any], TaskInfo] | None = None) -> DataSource:
+                        task: Callable[[str, Any], TaskInfo] | None = None,
+                        in_memory: Callable[[dict[str, Any], str, list[str]], dict[str, Any]] | None = None
+                        ) -> DataSource:
         """Register the data source ``name``; ``params`` declares its own keys of ``[data]``;
-        ``task`` (see DataSource) lets recipes define their task in those keys."""
+        ``task`` (see DataSource) lets recipes define their task in those keys; ``in_memory``
+        lets it read datasets handed to ``kdframe.run``."""
         plugin = self._claim(self._data_sources, "data source", name)
         self._check_params(plugin, f"data source {name!r}", params)
-        self._data_sources[name] = source = DataSource(name, params, plugin, description, task)
+        self._data_sources[name] = source = DataSource(name, params, plugin, description, task, in_memory)
         return source
 
     def add_task(self, info: TaskInfo, *, source: str) -> Task:

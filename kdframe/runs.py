@@ -19,7 +19,8 @@ from kdframe.caches import cache_root, check_writable, teacher_path
 from kdframe.errors import KdframeError, RunFailed
 from kdframe.plan import plan
 from kdframe.progress import Progress
-from kdframe.recipe import load_recipe, to_plain
+from kdframe.plugins import PluginHost
+from kdframe.recipe import RecipeSource, load_recipe, to_plain
 from kdframe.rundir import PROGRESS, RECIPE, SUMMARY, RunDir
 from kdframe.session import Session, prepare
 from kdframe.tracking import Trackers
@@ -57,9 +58,11 @@ def check_caches(session: Session, say: Any) -> None:
                 say(f"{exc}; removed it: the teacher is fine-tuned again")
 
 
-def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[str], out: str | None,
-              resume: str | None, progress: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    session = prepare(recipe_path, overrides, plugin_args)
+def start_run(source: RecipeSource, overrides: list[str], host: PluginHost, out: str | None, resume: str | None,
+              progress: str, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], Session, Path]:
+    """Run (or resume) the recipe ``source`` (a file or a dict); its summary, session (with the
+    trained student) and run directory. ``kdframe.run`` is the public form of this."""
+    session = prepare(source, overrides, host=host)
     plan(session)
     trainer = Trainer(session, None, Progress(progress), options)  # joins the other processes, if launched so
     if trainer.is_main:
@@ -92,7 +95,7 @@ def start_run(recipe_path: str | Path, overrides: list[str], plugin_args: list[s
                                      tracking.run_name or run_dir.path.resolve().name,
                                      Path(tracking.dir) if tracking.dir else run_dir.path / "tracking",
                                      to_plain(session.recipe), trainer.is_main)
-    return trainer.run(resume=bool(resume))
+    return trainer.run(resume=bool(resume)), session, run_dir.path
 
 
 def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = (), push_to_hub: str | None = None,

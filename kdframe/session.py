@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -13,7 +14,7 @@ import attrs
 from kdframe.caches import cache_root, check_writable
 from kdframe.errors import RecipeError
 from kdframe.plugins import PluginHost, load_plugins
-from kdframe.recipe import Recipe, ResolvedStage, load_recipe, to_plain
+from kdframe.recipe import Recipe, RecipeSource, ResolvedStage, load_recipe, recipe_origin, to_plain
 from kdframe.rundir import recipe_toml
 from kdframe.types import LoadedModel, TaskInfo, TokenizedSplit
 
@@ -23,7 +24,7 @@ class Session:
     """A recipe with everything it needs loaded and checked."""
 
     recipe: Recipe
-    recipe_path: Path
+    recipe_path: Path | None  # None: a recipe given in Python (as a dict)
     host: PluginHost
     stages: list[ResolvedStage]
     teacher_stage: ResolvedStage | None
@@ -41,11 +42,12 @@ class Session:
         return recipe_toml(to_plain(self.recipe))
 
 
-def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: list[str] = (),
+def prepare(source: RecipeSource, overrides: list[str] = (), plugin_args: list[str] = (),
             load_data: bool = True, host: PluginHost | None = None) -> Session:
-    """Load plugins (unless ``host`` is given), the recipe, models and data; every problem is bad input."""
+    """Load plugins (unless ``host`` is given), the recipe (a file or a dict), models and data;
+    every problem is bad input."""
     host = host or load_plugins(plugin_args)
-    loaded = load_recipe(recipe_path, list(overrides), host.registry)
+    loaded = load_recipe(source, list(overrides), host.registry)
     recipe, problems = loaded.recipe, list(loaded.problems)
     problems += host.validate_recipe(recipe)
     needs_cuda = {"precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU": recipe.precision == "fp16",
@@ -53,18 +55,20 @@ def prepare(recipe_path: str | Path, overrides: list[str] = (), plugin_args: lis
     if any(needs_cuda.values()) and not _cuda_available():
         problems += [problem for problem, needed in needs_cuda.items() if needed]
     if problems:
-        raise RecipeError(problems, source=str(Path(recipe_path).resolve()))
+        raise RecipeError(problems, source=recipe_origin(source))
     from kdframe import checkpoint  # torch: a recipe with problems is refused without it
 
     task = host.registry.task_info(recipe.data)
-    session = Session(recipe, Path(recipe_path).resolve(), host, loaded.stages, loaded.teacher_stage, task)
+    recipe_path = None if isinstance(source, Mapping) else Path(source).resolve()
+    session = Session(recipe, recipe_path, host, loaded.stages, loaded.teacher_stage, task)
     checkpoint.seed_everything(recipe.seed)  # random-init models must not depend on what ran before
-    base_dir, cache_dir = str(session.recipe_path.parent), str(cache_root(recipe.data))
+    base_dir = str(recipe_path.parent if recipe_path else Path.cwd())
+    cache_dir = str(cache_root(recipe.data))
     session.teacher = host.load_model("teacher", recipe.teacher, task, None, base_dir, cache_dir)
     session.student = host.load_model("student", recipe.student, task, session.teacher, base_dir, cache_dir)
     problems = feature_problems(session) + length_problems(session)
     if problems:
-        raise RecipeError(problems, source=str(session.recipe_path))
+        raise RecipeError(problems, source=recipe_origin(source))
     if load_data:
         check_writable(Path(cache_dir), "the data is read and tokenised into it")
         session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)

@@ -118,7 +118,7 @@ class Trainer:
             intact = checkpoint.has_checkpoint(self.run_dir.checkpoint)
             raise RunFailed(f"cannot write {path}: {exc.strerror or exc}"
                             + (f"; the last checkpoint ({self.run_dir.checkpoint}) is intact: once there is room,"
-                               f" resume with {shlex.join(self.resume_command())}" if intact else "")) from None
+                               f" resume with {self.resume_hint()}" if intact else "")) from None
 
     def track(self, stage: str, kind: str, step: int, values: dict[str, Any]) -> None:
         """``values`` to the experiment trackers, as ``STAGE/KIND/NAME``."""
@@ -348,7 +348,7 @@ class Trainer:
                 self.progress.update(progress.step, info, stage.log_every)
                 if stop:
                     raise Interrupted(f"interrupted at {key} step {progress.step}; checkpoint written."
-                                      f" Resume with: {shlex.join(self.resume_command())}", self.stop.exit_code)
+                                      f" Resume with: {self.resume_hint()}", self.stop.exit_code)
                 if end_of_epoch or progress.stopped:
                     break
         self.progress.stop()
@@ -373,13 +373,15 @@ class Trainer:
         self.progress.message(f"[{key}] done: {format_metrics(final)} ({selected}); {progress.step} steps in {wall:.1f}s")
         return stage_summary
 
-    def resume_command(self) -> list[str]:
-        """The command that continues this run: the same --set and -p options, or the resolved
-        recipe differs and resume refuses it."""
+    def resume_hint(self) -> str:
+        """What continues this run: the same command with the same --set and -p options (or the
+        resolved recipe differs and resume refuses it); from Python, the same call."""
+        if self.session.recipe_path is None:
+            return f"kdframe.run(the same recipe, models and datasets, resume={str(self.run_dir.path)!r})"
         again = [*kdframe_command(), "run", str(self.session.recipe_path), "--resume", str(self.run_dir.path)]
         again += [arg for value in self.options.get("overrides") or [] for arg in ("--set", value)]
         again += [arg for value in self.options.get("plugins") or [] for arg in ("-p", value)]
-        return again
+        return shlex.join(again)
 
     def log_layer_weights(self, key: str, step: int, record: StepRecord) -> None:
         for kind, flow in record.flows.items():

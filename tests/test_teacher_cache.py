@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, read_recipe
 from kdframe.batches import collate
 from kdframe.recipe import to_plain
-from kdframe.runs import start_run
+from kdframe.library import run
 from kdframe.session import prepare
 from kdframe.step import DistillStep, stage_context
 from kdframe.teacher_cache import TeacherCache, cache_key, key_parts
@@ -253,12 +253,12 @@ def test_kd_ablation_runs_the_teacher_once_per_example(tmp_path, teacher_forward
     """Two cells of a KD ablation (seeds 1, 2) with the disk cache: the first runs each training
     example through the teacher once over its two epochs, the second not at all."""
     sets = ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"']
-    first = start_run(str(KD), sets, [], str(tmp_path / "seed1"), None, "off")
+    first = run(str(KD), overrides=sets, out=str(tmp_path / "seed1"), progress="off").summary
     stats = first["stages"]["distil"]["teacher_cache"]
     assert sum(teacher_forwards) == 64 and stats["misses"] == 64 and stats["hits"] == 64
     assert stats["storage"] == "disk" and stats["bytes"] > 0
     teacher_forwards.clear()
-    second = start_run(str(KD), [*sets, "seed=2"], [], str(tmp_path / "seed2"), None, "off")
+    second = run(str(KD), overrides=[*sets, "seed=2"], out=str(tmp_path / "seed2"), progress="off").summary
     stats = second["stages"]["distil"]["teacher_cache"]
     assert sum(teacher_forwards) == 0 and stats["misses"] == 0 and stats["hits"] == 128
     summary = json.loads((tmp_path / "seed2" / "summary.json").read_text())
@@ -269,7 +269,7 @@ def test_bf16_smoke_run_with_cache_has_finite_losses(tmp_path):
     """bf16 autocast on the CPU, all four EMD terms, cache on; then an fp32 trainer in the same
     process (ablation cells of both precisions run in one process)."""
     sets = ['precision="bf16"', "teacher_cache.enabled=true", "teacher.train.max_steps=2"]
-    summary = start_run(str(SMOKE), sets, [], str(tmp_path / "run"), None, "off")
+    summary = run(str(SMOKE), overrides=sets, out=str(tmp_path / "run"), progress="off").summary
     assert summary["stages"]["distil"]["teacher_cache"]["hits"] == 64
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["stage"] == "distil" and "loss" in r]

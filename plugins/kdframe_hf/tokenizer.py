@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, BertTokenizer
 
-from kdframe.api import ModelError
+from kdframe.api import MEMORY_PREFIX, ModelError, memory_object
 from kdframe_hf.sources import hub_offline, is_local, offline_problem, resolve_source
 
 BUILTIN = {"builtin:chars"}
@@ -38,6 +38,8 @@ def has_tokenizer(source: str) -> bool:
 
 def load_tokenizer(value: str, base_dir: str, cache_dir: str = "") -> Any:
     """``builtin:chars``, or a tokenizer directory / hub id / ``package:NAME``."""
+    if value.startswith(MEMORY_PREFIX):
+        return memory_object(value)
     if value.startswith("builtin:"):
         if value not in BUILTIN:
             raise ModelError(f"unknown built-in tokenizer {value!r}; known: {', '.join(sorted(BUILTIN))}")

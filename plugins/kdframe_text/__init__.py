@@ -13,14 +13,14 @@ from typing import Any
 
 from kdframe.api import Registry, TaskInfo, TokenizedSplit, hookimpl, tokenize_to_arrow
 
-from kdframe_text.params import TextParams, task_info
+from kdframe_text.params import TextParams, in_memory, task_info
 
 SOURCE = "text"
 
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add_data_source(SOURCE, params=TextParams, task=task_info,
+    registry.add_data_source(SOURCE, params=TextParams, task=task_info, in_memory=in_memory,
                              description="your own task: CSV/TSV/JSON lines/Parquet files, a save_to_disk"
                                          " directory or a hub dataset")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
 
@@ -36,6 +37,23 @@ class TextParams:
     score_range: list[float] = attrs.Factory(list)  # regression instead of labels: [lowest, highest] score
     metrics: list[str] = attrs.Factory(lambda: ["accuracy"])  # of accuracy, f1, macro_f1, matthews, pearson, spearman
     main_metric: str = ""  # the metric that picks the best model; empty: the first of metrics
+
+
+#: The keys that say where the examples are; datasets handed to kdframe.run replace them.
+LOCATION_KEYS = ("train_file", "dev_file", "dataset", "config", "revision", "train_split", "dev_split")
+
+
+def in_memory(params: dict[str, Any], name: str, splits: list[str]) -> dict[str, Any]:
+    """The keys that read the datasets ``name`` (kdframe.memory) instead of the recipe's files or hub
+    dataset; columns, labels, metrics and ``where`` stay as the recipe says."""
+    kept = {key: value for key, value in params.items() if key not in LOCATION_KEYS}
+    kept.update(dataset=name, train_split="train")
+    if "dev" in splits:
+        kept.update(dev_split="dev", dev_fraction=0.0)
+    elif not kept.get("dev_fraction"):
+        raise RecipeError(["dev_fraction: no dev dataset was given; pass dev=... or hold out a share of train"
+                           " with data.dev_fraction"])
+    return kept
 
 
 def task_info(name: str, params: TextParams) -> TaskInfo:

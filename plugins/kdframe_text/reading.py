@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdframe.api import DataError, check_columns, first_true, load_hub_dataset, quiet_progress
+from kdframe.api import MEMORY_PREFIX, DataError, check_columns, first_true, load_hub_dataset, memory_object, quiet_progress
 
 from kdframe_text.params import FORMATS, TextParams
 
@@ -56,6 +56,8 @@ def read(params: TextParams, role: str, cache_dir: str, where: str) -> datasets.
     if params.train_file:
         return read_file(Path(where), cache_dir)
     split = params.train_split if role == "train" else params.dev_split
+    if params.dataset.startswith(MEMORY_PREFIX):
+        return memory_object(params.dataset)[split]
     directory = Path(params.dataset)
     if directory.is_dir():
         return read_saved(directory, split, params)
@@ -215,6 +217,8 @@ def _file_stamps(params: TextParams) -> list[list[Any]]:
 def fingerprint(params: TextParams) -> str:
     """What the examples hold: a digest of the files' bytes, or the hub dataset's name and revision
     (an unpinned hub dataset is taken as unchanged)."""
+    if params.dataset.startswith(MEMORY_PREFIX):
+        return params.dataset  # named by a digest of its rows
     if params.dataset and not Path(params.dataset).is_dir():
         return f"hub:{params.dataset}@{params.revision or 'default'}:{params.config}"
     roots = [Path(params.dataset)] if params.dataset else [local_file(v) for v in (params.train_file, params.dev_file) if v]
