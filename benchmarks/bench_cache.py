@@ -41,6 +41,8 @@ from bench_step import Arm
 CONFIGS = {
     "tiny": {"recipe": "recipes/smoke_tiny.toml", "batch": 32, "pool": 64},
     "minilm": {"recipe": "recipes/emd_glue.toml", "batch": 32, "pool": 128},  # MiniLM-L6 -> layers [0, 2, 4]
+    # MPNet base (all-mpnet-base-v2, 12 layers, hidden 768) -> layers [2, 5, 8, 11]: the paper's regime
+    "mpnet": {"recipe": "recipes/emd_mpnet_12to4.toml", "batch": 32, "pool": 64},
 }
 STRATEGIES = {  # EMD with cost attention (normalize = "sum"), and one-to-one; the same layer losses
     "emd": STEP_STRATEGIES["emd+ca"],

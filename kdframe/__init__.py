@@ -16,12 +16,13 @@ if TYPE_CHECKING:
     from kdframe.recipe import Recipe
 
 # Imported on first use: `kdframe --help` must not pay for torch and transformers.
-_LAZY = {"run": "kdframe.library", "RunResult": "kdframe.library", "Recipe": "kdframe.recipe"}
-
-
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'kdframe' has no attribute {name!r}")
-    import importlib
+    if name in ("run", "RunResult"):
+        from kdframe import library
 
-    return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(library, name)
+    if name == "Recipe":
+        from kdframe.recipe import Recipe
+
+        return Recipe
+    raise AttributeError(f"module 'kdframe' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Anything not re-exported here is private and may change without notice.
 """
 
-from kdframe.errors import DataError, KdframeError, ModelError, PluginError, RecipeError, RunFailed
+from kdframe.errors import DataError, KdframeError, KdframeWarning, ModelError, PluginError, RecipeError, RunFailed
 from kdframe.fileio import atomic_write
 from kdframe.memory import PREFIX as MEMORY_PREFIX
 from kdframe.memory import get as memory_object
@@ -34,6 +34,7 @@ __all__ = [
     "DataSource",
     "Features",
     "KdframeError",
+    "KdframeWarning",
     "LayerWeights",
     "LoadedModel",
     "ModelError",

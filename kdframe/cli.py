@@ -7,12 +7,13 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 
-from kdframe.errors import Interrupted, KdframeError, RunFailed
+from kdframe.errors import Interrupted, KdframeError, KdframeWarning, RunFailed
 
 
 def _common(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
@@ -88,9 +89,22 @@ def _preparse_plugins(argv: list[str]) -> list[str]:
     return known.plugins
 
 
+_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """kdframe's own warnings as one line, like its errors; the others as Python shows them."""
+    if issubclass(category, KdframeWarning):
+        print(f"kdframe: warning: {message}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    warnings.showwarning = _show_warning
     try:
         from kdframe.plugins import load_plugins
 

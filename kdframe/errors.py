@@ -31,6 +31,11 @@ class ModelError(KdframeError):
     """A model cannot be loaded or cannot be compared with the other model."""
 
 
+class KdframeWarning(UserWarning):
+    """Something in the input that works but likely not as meant (a setting with no effect): the
+    CLI prints it as one line, ``kdframe: warning: ...``."""
+
+
 class RunFailed(Exception):
     """Training failed after it started (non-finite loss, a crash in a step): exit code 1."""
 

@@ -46,7 +46,7 @@ def _model_digest(model: Any) -> str:
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise KdframeError(f"expected a torch model (e.g. AutoModelForSequenceClassification), got {type(model).__name__}")
+        raise KdframeError(f"expected a torch model (a torch.nn.Module), got {type(model).__name__}")
     digest = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
@@ -61,7 +61,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     from kdframe.tokens import tokenizer_identity
 
     if not hasattr(tokenizer, "get_vocab"):
-        raise KdframeError(f"expected a transformers tokenizer, got {type(tokenizer).__name__}")
+        raise KdframeError(f"expected a tokenizer (with get_vocab()), got {type(tokenizer).__name__}")
     settings = f"{getattr(tokenizer, 'model_max_length', '')}|{getattr(tokenizer, 'padding_side', '')}"
     return hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{settings}".encode()).hexdigest()
 

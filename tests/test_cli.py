@@ -150,3 +150,13 @@ def test_flow_tables_of_a_12_layer_teacher_stay_readable_when_piped():
         cells = row.split()
         assert len(cells) == 13 and cells[0] == str(i) and "…" not in row and len(row) <= 80
         assert abs(sum(float(c) for c in cells[1:] if c != ".") - 0.25) < 5e-3  # its weight, to 3 decimals a cell
+
+
+def test_a_setting_without_effect_is_warned_about_in_one_line(cli):
+    recipe = str(ROOT / "recipes" / "smoke_tiny.toml")
+    warned = cli("validate", recipe, "--set", "stages[0].weighting.temperature=2.0")
+    assert warned.returncode == 0
+    assert ('kdframe: warning: stages[0].weighting.temperature has no effect with normalize = "sum" (it is the'
+            ' softmax\'s T_emd): drop it, or set normalize = "softmax"\n') in warned.stderr
+    assert "warning" not in cli("validate", recipe, "--set", 'stages[0].weighting.normalize="softmax"',
+                                "--set", "stages[0].weighting.temperature=2.0").stderr

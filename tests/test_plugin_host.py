@@ -36,7 +36,7 @@ def test_third_party_loader_sorting_before_hf_is_used():
 def test_unregistered_model_source_is_bad_input(cli):
     result = cli("validate", SMOKE, "--set", 'teacher.init="pretrained"', "--set", 'teacher.model="acme:tiny"')
     assert result.returncode == 2
-    assert "teacher.model: unknown model source 'acme' in 'acme:tiny'; known: builtin, package" in result.stderr
+    assert "teacher.model: unknown model source 'acme' in 'acme:tiny'; known: builtin, memory, package" in result.stderr
 
 
 def test_two_plugins_claiming_one_task_is_bad_input_naming_both(cli):

@@ -373,13 +373,22 @@ def test_cost_attention_softmax_by_hand() -> None:
     T = 2.0
     each = {kind: ([x / T for x in s], [x / T for x in t]) for kind, (s, t) in SCORES.items()}
     new = update("softmax", separate=True, temperature=T)
-    for kind, (s, t) in each.items():
-        assert_weights(new[kind], softmax(s), softmax(t))
+    for kind, (s, t) in each.items():  # the reference's second softmax applies to separate weights too
+        assert_weights(new[kind], softmax(softmax(s)), softmax(softmax(t)))
     new = update("softmax", separate=False, temperature=T)
     mean_s = [(a + b) / 2 for a, b in zip(softmax(each["att"][0]), softmax(each["hid"][0]))]
     mean_t = [(a + b) / 2 for a, b in zip(softmax(each["att"][1]), softmax(each["hid"][1]))]
     for kind in ("att", "hid"):
         assert_weights(new[kind], softmax(mean_s), softmax(mean_t))  # second, plain softmax
+
+
+@pytest.mark.parametrize(("single_kind", "teacher"), [
+    ("own", [6 / 11, 3 / 11, 2 / 11]),
+    ("half-step", [(6 / 11 + 1 / 3) / 2, (3 / 11 + 1 / 3) / 2, (2 / 11 + 1 / 3) / 2])])  # with the off kind's uniform
+def test_cost_attention_with_one_cost_kind_by_hand(single_kind: str, teacher: list[float]) -> None:
+    ctx = make_ctx(2, 3, mapping="emd", weighting="cost-attention", weighting_params={"single_kind": single_kind})
+    new = ca.kdframe_update_layer_weights(FLOWS, COSTS, {"hid": W}, ctx)
+    assert_weights(new["hid"], [1 / 2, 1 / 2], teacher)
 
 
 @pytest.mark.parametrize("normalize", ["sum", "softmax"])
@@ -429,6 +438,15 @@ def soft_ce_by_hand(T: float) -> float:
         teacher_norm = sum(math.exp(z / T) for z in zt)
         total += sum(-(math.exp(t / T) / teacher_norm) * (s / T - log_norm) for s, t in zip(zs, zt))
     return total / (len(Z_S) * len(Z_S[0]))
+
+
+@pytest.mark.parametrize(("target", "expected"), [("teacher", ((1 - 3) ** 2 + (2 - 1) ** 2) / 2),
+                                                   ("gold", ((1 - 4) ** 2 + (2 - 0.5) ** 2) / 2)])
+def test_pred_loss_on_regression_fits_the_teacher_or_the_gold_score(target: str, expected: float) -> None:
+    ctx = make_ctx(losses={"pred": {"regression_target": target}}, regression=True)
+    student, teacher = Features(torch.tensor([[1.0], [2.0]]), MASK), Features(torch.tensor([[3.0], [1.0]]), MASK)
+    term = losses.kdframe_loss_terms(student, teacher, {}, {}, {"labels": torch.tensor([4.0, 0.5])}, ctx)
+    assert term["pred"].item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(("T", "t2"), [(1.0, True), (2.0, True), (2.0, False)])

@@ -33,10 +33,14 @@ def cost_attention(flows: dict[str, torch.Tensor], costs: dict[str, torch.Tensor
         moved = flows[kind].detach() * costs[kind].detach()
         new[kind] = (_attend(moved.sum(1), w_s, params), _attend(moved.sum(0), w_t, params))
     if not params.separate:
-        avg_s = torch.stack([s for s, _ in new.values()]).mean(0)
-        avg_t = torch.stack([t for _, t in new.values()]).mean(0)
-        if params.normalize == "softmax":  # the published runs' second softmax
-            avg_s, avg_t = torch.softmax(avg_s, 0), torch.softmax(avg_t, 0)
-        new = dict.fromkeys(new, (avg_s, avg_t))
+        pairs = list(new.values())
+        if params.single_kind == "half-step" and len(pairs) == 1:
+            # The reference averages with the other kind's weights, which stay uniform while it is off.
+            (s, t), = pairs
+            pairs.append((torch.full_like(s, 1 / len(s)), torch.full_like(t, 1 / len(t))))
+        avg = (torch.stack([s for s, _ in pairs]).mean(0), torch.stack([t for _, t in pairs]).mean(0))
+        new = dict.fromkeys(new, avg)
+    if params.normalize == "softmax":  # the published runs' second softmax, separate or not
+        new = {kind: (torch.softmax(s, 0), torch.softmax(t, 0)) for kind, (s, t) in new.items()}
     return {kind: (_on_simplex(new[kind][0], w_s, params.eps), _on_simplex(new[kind][1], w_t, params.eps))
             for kind, (w_s, w_t) in weights.items()}

@@ -3,7 +3,7 @@ and ``hard`` (gold labels, no teacher needed)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
@@ -15,10 +15,14 @@ if TYPE_CHECKING:
 
 @attrs.frozen
 class PredParams:
-    """``t2 = false`` drops the T^2 factor (TinyBERT's prediction stage)."""
+    """``t2 = false`` drops the T^2 factor (TinyBERT's prediction stage). On a regression task the
+    student's score is fitted to the teacher's (``regression_target = "teacher"``, BERT-EMD) or to
+    the gold score (``"gold"``: TinyBERT's task_distill, whose prediction stage on STS-B trains
+    against the labels)."""
 
     temperature: float = bounded(1.0, gt=0)  # T of both softmaxes (classification)
     t2: bool = True  # multiply by T^2 (false: TinyBERT's prediction stage)
+    regression_target: Literal["teacher", "gold"] = "teacher"  # regression: MSE to the teacher's score or the gold one
 
 
 @hookimpl
@@ -43,7 +47,11 @@ def kdframe_loss_terms(
     regression = ctx.task.is_regression
     terms = {}
     if ctx.active("pred"):
-        terms["pred"] = pred_loss(student.logits, teacher.logits, ctx.losses["pred"].params, regression)
+        params = ctx.losses["pred"].params
+        if regression and params.regression_target == "gold":
+            terms["pred"] = hard_loss(student.logits, batch["labels"], regression)
+        else:
+            terms["pred"] = pred_loss(student.logits, teacher.logits, params, regression)
     if ctx.active("hard"):
         terms["hard"] = hard_loss(student.logits, batch["labels"], regression)
     return terms
