@@ -68,3 +68,17 @@ def cli(capsys, monkeypatch):
         return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
     return call
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A tiny lowercase BERT WordPiece tokenizer (fast): every word splits into letters and digits."""
+    import string
+
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+              *(f"##{c}" for c in string.ascii_lowercase + string.digits), *string.punctuation]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return BertTokenizerFast.from_pretrained(str(folder))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import string
 from pathlib import Path
 
 import datasets
@@ -30,16 +29,6 @@ needs_shared = pytest.mark.skipif(
 )
 
 RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
-    """A tiny lowercase BERT WordPiece tokenizer: every word splits into letters and digits."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
-              *(f"##{c}" for c in string.ascii_lowercase + string.digits), *string.punctuation]
-    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
-    return BertTokenizerFast.from_pretrained(str(folder))
 
 
 def load(task: str, split: str, tokenizer, cache: Path, glue_dir: Path | str = SHARED_GLUE, **data):

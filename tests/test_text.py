@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import string
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 from robustness.robust_helpers import assert_bad_input, kd, smoke_raw, write_recipe
 from scipy import stats
-from transformers import BertTokenizerFast
 
 import kdframe_text as text
 from kdframe.api import DataError, RecipeError, TaskInfo
@@ -31,16 +29,6 @@ from kdframe_text.params import METRIC_NAMES, TextParams, task_info
 
 ROWS = [("a fine film", "pos", "x"), ("dull and slow", "neg", "y"), ("\"quoted\" start", "pos", "x"),
         ("tab-free, comma, text", "neg", "x"), ("the end", "pos", "y")]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
-    """A tiny lowercase WordPiece tokenizer: words split into letters."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
-              *(f"##{c}" for c in string.ascii_lowercase + string.digits), *string.punctuation]
-    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
-    return BertTokenizerFast.from_pretrained(str(folder))
 
 
 def params(**keys) -> TextParams:
