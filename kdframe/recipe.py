@@ -547,6 +547,7 @@ class ResolvedStage:
     weighting: Selected | None
     losses: dict[str, Selected]  # active terms only (weight != 0)
     controls: dict[str, Selected] = attrs.Factory(dict)
+    sparse_flow: bool = False  # the mapping's Strategy.sparse_flow
 
     def needs(self, registry: Registry) -> frozenset[str]:
         """Features this stage reads from both models (logits always come)."""
@@ -591,7 +592,8 @@ def resolve_stage(stage: Stage, registry: Registry, path: str) -> tuple[Resolved
     if mapping is not None and weighting is not None:
         problems += _marginal_problems(registry.get("mapping", mapping.name), registry.get("weighting", weighting.name),
                                        path)
-    return ResolvedStage(stage, mapping, weighting, losses, controls), problems
+    sparse = mapping is not None and registry.get("mapping", mapping.name).sparse_flow
+    return ResolvedStage(stage, mapping, weighting, losses, controls, sparse), problems
 
 
 def _marginal_problems(mapping: Strategy, weighting: Strategy, path: str) -> list[str]:

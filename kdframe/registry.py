@@ -34,7 +34,10 @@ class Strategy:
     ``fixed`` marks a mapping whose flow depends on neither the costs nor the weights (a fixed
     plan of layer pairs); ``needs_marginals`` marks a weighting that divides by the flows'
     marginals, so it needs a mapping that keeps them (or a fixed one, whose weights it cannot
-    mislead); ``student_only`` marks a loss term that needs no teacher at all (hard labels).
+    mislead); ``student_only`` marks a loss term that needs no teacher at all (hard labels);
+    ``sparse_flow`` marks a mapping whose flows leave most layer pairs at zero (an optimal
+    transport has at most M + N - 1 non-zero pairs, a fixed plan its pairs): the costs may then
+    be computed without autograd and the loss backpropagated through the pairs with flow only.
     """
 
     slot: str
@@ -47,6 +50,7 @@ class Strategy:
     student_only: bool = False
     fixed: bool = False
     needs_marginals: bool = False
+    sparse_flow: bool = False
 
 
 @attrs.frozen
@@ -129,6 +133,7 @@ class Registry:
         student_only: bool = False,
         fixed: bool = False,
         needs_marginals: bool = False,
+        sparse_flow: bool = False,
     ) -> Strategy:
         """Register the strategy ``name`` in ``slot`` (mapping, weighting, loss or control: a
         control watches a stage through the event hooks and may stop it, see ``Control``)."""
@@ -142,7 +147,7 @@ class Registry:
             raise PluginError(f"plugin {plugin!r}: {slot} strategy {name!r} needs unknown features"
                               f" {sorted(unknown)}; known: {', '.join(FEATURES)}")
         strategy = Strategy(slot, name, params, plugin, frozenset(needs), description, keeps_marginals, student_only,
-                            fixed, needs_marginals)
+                            fixed, needs_marginals, sparse_flow)
         self._strategies[slot][name] = strategy
         return strategy
 

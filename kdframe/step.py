@@ -48,7 +48,7 @@ def stage_context(run_dir: Any, index: int, resolved: ResolvedStage, task: TaskI
         student_hidden_size=student.hidden_size, teacher_hidden_size=teacher.hidden_size if teacher else 0,
         student_heads=student.num_heads, teacher_heads=teacher.num_heads if teacher else 0,
         mapping=resolved.mapping, weighting=resolved.weighting, losses=resolved.losses, device=device,
-        controls=resolved.controls,
+        controls=resolved.controls, sparse_flow=resolved.sparse_flow,
     )
 
 

@@ -92,8 +92,9 @@ def make_context(
     if problems:
         raise RecipeError(problems)
     task = TaskInfo("regression" if regression else "pairs", 1 if regression else 2, ("accuracy",), "accuracy")
+    sparse_flow = selected["mapping"] is not None and host.registry.get("mapping", mapping).sparse_flow
     return StageContext(
-        run_dir=None, stage_index=0, stage=Stage(), task=task,
+        run_dir=None, stage_index=0, stage=Stage(), task=task, sparse_flow=sparse_flow,
         student_layers=student_layers, teacher_layers=teacher_layers,
         student_hidden_size=hidden_sizes[0], teacher_hidden_size=hidden_sizes[1],
         student_heads=heads[0], teacher_heads=heads[1], device=torch.device("cpu"), **selected,

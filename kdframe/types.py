@@ -195,6 +195,9 @@ class StageContext:
     losses: dict[str, Selected]
     device: torch.device
     controls: dict[str, Selected] = attrs.Factory(dict)
+    # The mapping's flows leave most pairs at zero (Strategy.sparse_flow): a costs plugin may compute
+    # the cost grid without autograd and the loss through the pairs that carry flow only.
+    sparse_flow: bool = False
     step: int = 0
     state: dict[str, Any] = attrs.Factory(dict)
 

@@ -257,6 +257,36 @@ def test_costs_and_terms_follow_the_active_losses() -> None:
     assert w_h.weight.grad is not None  # the module handed to the engine is the one trained
 
 
+@pytest.mark.parametrize(("mapping", "terms", "d_s"), [
+    ("emd", {"att": {}, "hid": {"tokens": "real"}}, 8), ("one-to-one", {"att": {"tokens": "real"}, "hid": {}}, 8),
+    ("pkd", {"pt": {}}, 8), ("pkd", {"pt": {}}, 12)])
+def test_sparse_flows_give_the_full_graphs_loss_and_gradients(mapping: str, terms: dict, d_s: int) -> None:
+    """A sparse mapping's terms are computed on its pairs only (the grid without autograd): the
+    same loss and gradients, to 1e-6, as the full graph's sum(F * D)."""
+    sparse = make_ctx(3, 6, mapping=mapping, losses=terms, d_s=d_s)
+    assert sparse.sparse_flow
+    dense = attrs.evolve(sparse, sparse_flow=False)  # shares ctx.state: the same W_h
+    extra = costs.kdframe_extra_parameters(sparse)
+    teacher = random_features(6, 12, 2, seed=22)
+    results = []
+    for ctx in (sparse, dense):
+        student = random_features(3, d_s, 2, seed=21, grad=True)
+        found = HOST.layer_costs(student, teacher, ctx)
+        assert all(cost.requires_grad != ctx.sparse_flow for cost in found.values())
+        weights = {kind: (torch.full((3,), 1 / 3), torch.full((6,), 1 / 6)) for kind in found}
+        flows = {kind: HOST.layer_mapping(kind, cost, weights[kind], ctx) for kind, cost in found.items()}
+        if mapping == "emd":
+            assert all((flow > 0).sum() < flow.numel() for flow in flows.values())  # some pairs carry nothing
+        loss = sum(HOST.loss_terms(student, teacher, found, flows, {}, ctx).values())
+        inputs = [*student.hidden, *student.attn, *(m.weight for m in extra.values())]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        results.append((loss, [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]))
+    (loss_sparse, grads_sparse), (loss_dense, grads_dense) = results
+    torch.testing.assert_close(loss_sparse, loss_dense, rtol=1e-6, atol=0)
+    for got, expected in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
 def test_w_h_only_when_needed() -> None:
     assert costs.kdframe_extra_parameters(make_ctx(losses={"att": {}, "pred": {}})) == {}
     assert costs.kdframe_extra_parameters(make_ctx(losses={"pt": {}}, d_s=12, d_t=12)) == {}

@@ -12,6 +12,7 @@ is the one used here.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -104,17 +105,29 @@ def kdframe_stage_start(ctx: StageContext) -> None:
 
 @hookimpl
 def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext) -> dict[str, torch.Tensor]:
-    from kdframe_costs.matrices import att_cost, cls_cost, hid_cost  # torch: only once a stage trains
+    import torch
 
-    costs = {}
+    from kdframe_costs.matrices import pairwise_mse
+
+    # A sparse mapping's loss is computed again on its pairs (kdframe_loss_terms): the grid needs no graph.
+    with torch.no_grad() if ctx.sparse_flow else contextlib.nullcontext():
+        return {kind: pairwise_mse(*layers) for kind, layers in _compared(student, teacher, ctx).items()}
+
+
+def _compared(student: Features, teacher: Features, ctx: StageContext) -> dict[str, tuple[Any, Any, Any]]:
+    """Per cost kind of the active terms: the student's and teacher's layers it compares, and the
+    entries that count (kdframe_costs.matrices)."""
+    from kdframe_costs.matrices import att_layers, cls_layers, hid_layers  # torch: only once a stage trains
+
+    compared = {}
     if ctx.active("att"):
-        costs["att"] = att_cost(student, teacher, ctx.losses["att"].params)
+        compared["att"] = att_layers(student, teacher, ctx.losses["att"].params)
     if ctx.active("hid"):
-        costs["hid"] = hid_cost(student, teacher, projection(ctx), ctx.losses["hid"].params)
+        compared["hid"] = hid_layers(student, teacher, projection(ctx), ctx.losses["hid"].params)
     if ctx.active("pt"):
         same = student.hidden[0].shape[-1] == teacher.hidden[0].shape[-1]
-        costs["cls"] = cls_cost(student, teacher, None if same else projection(ctx))
-    return costs
+        compared["cls"] = cls_layers(student, teacher, None if same else projection(ctx))
+    return compared
 
 
 @hookimpl
@@ -126,9 +139,14 @@ def kdframe_loss_terms(
     batch: dict[str, torch.Tensor],
     ctx: StageContext,
 ) -> dict[str, torch.Tensor]:
-    terms = {term: (flows[kind] * costs[kind]).sum() for term, kind in TERM_KIND.items() if ctx.active(term)}
-    if ctx.active("emb"):
-        from kdframe_costs.matrices import emb_loss
+    from kdframe_costs.matrices import emb_loss, transported_mse
 
+    if ctx.sparse_flow:
+        compared = _compared(student, teacher, ctx)
+        terms = {term: transported_mse(*compared[kind], flows[kind]) for term, kind in TERM_KIND.items()
+                 if ctx.active(term)}
+    else:
+        terms = {term: (flows[kind] * costs[kind]).sum() for term, kind in TERM_KIND.items() if ctx.active(term)}
+    if ctx.active("emb"):
         terms["emb"] = emb_loss(student, teacher, projection(ctx), ctx.losses["emb"].params)
     return terms

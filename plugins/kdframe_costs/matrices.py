@@ -14,6 +14,20 @@ from kdframe.api import Features
 from kdframe_costs import AttParams, HiddenParams, check_heads
 
 
+Layers = tuple[list[torch.Tensor], list[torch.Tensor], Any]  # student layers, teacher layers, entry count
+
+
+def _masked(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], keep: torch.Tensor | None) -> Layers:
+    """Both sides in float32 with the entries ``keep`` drops zeroed, and how many entries count."""
+    s, t = [layer.float() for layer in student], [layer.float() for layer in teacher]
+    count: Any = s[0].numel()
+    if keep is not None:
+        keep = keep.float()
+        s, t = [layer * keep for layer in s], [layer * keep for layer in t]  # (s*k - t*k)^2 = k (s - t)^2
+        count = keep.expand(s[0].shape).sum()
+    return s, t, count
+
+
 def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
                  keep: torch.Tensor | None = None) -> torch.Tensor:
     """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
@@ -26,19 +40,28 @@ def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
     M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
     """
     with torch.autocast(student[0].device.type, enabled=False):
-        s, t = [layer.float() for layer in student], [layer.float() for layer in teacher]
-        count: Any = s[0].numel()
-        if keep is not None:
-            keep = keep.float()
-            s, t = [layer * keep for layer in s], [layer * keep for layer in t]  # (s*k - t*k)^2 = k (s - t)^2
-            count = keep.expand(s[0].shape).sum()
+        s, t, count = _masked(student, teacher, keep)
         # mse_loss keeps only its two inputs for the backward, no differences
         return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
 
 
-def att_cost(student: Features, teacher: Features, params: AttParams) -> torch.Tensor:
-    """D^att[i, j] = mean over (B, h, L, L) of (A^S_i - A^T_j)^2."""
-    s, t = student.attn, teacher.attn  # layers of (B, h, L, L)
+def transported_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], keep: torch.Tensor | None,
+                    flow: torch.Tensor) -> torch.Tensor:
+    """sum(flow * D) with D of ``pairwise_mse``, computed (and kept for the backward) only on the
+    pairs with non-zero flow: the same value and gradient, since the others add exact zeros."""
+    with torch.autocast(student[0].device.type, enabled=False):
+        s, t, count = _masked(student, teacher, keep)
+        rows, cols = flow.detach().nonzero(as_tuple=True)
+        pairs = torch.stack([F.mse_loss(s[i], t[j], reduction="sum") for i, j in zip(rows.tolist(), cols.tolist())])
+        # The pairs in the full matrix, so that the sum runs as the dense form's does (same rounding).
+        cost = torch.zeros(flow.shape, device=pairs.device).index_put((rows, cols), pairs / count)
+        return (flow * cost).sum()
+
+
+def att_layers(student: Features, teacher: Features, params: AttParams) -> tuple[list, list, torch.Tensor | None]:
+    """What D^att compares: the (B, h, L, L) scores of each layer (head-averaged when asked), and
+    the entries that count."""
+    s, t = student.attn, teacher.attn
     check_heads(s[0].shape[1], t[0].shape[1], params)
     if params.average_heads:
         s, t = [a.mean(1, keepdim=True) for a in s], [a.mean(1, keepdim=True) for a in t]
@@ -46,7 +69,12 @@ def att_cost(student: Features, teacher: Features, params: AttParams) -> torch.T
     if params.tokens == "real":
         mask = student.mask.float()
         keep = (mask[:, :, None] * mask[:, None, :])[:, None]  # (B, 1, L, L): real query and key
-    return pairwise_mse(s, t, keep)
+    return list(s), list(t), keep
+
+
+def att_cost(student: Features, teacher: Features, params: AttParams) -> torch.Tensor:
+    """D^att[i, j] = mean over (B, h, L, L) of (A^S_i - A^T_j)^2."""
+    return pairwise_mse(*att_layers(student, teacher, params))
 
 
 def _token_keep(mask: torch.Tensor, tokens: str) -> torch.Tensor | None:
@@ -54,10 +82,25 @@ def _token_keep(mask: torch.Tensor, tokens: str) -> torch.Tensor | None:
     return mask[:, :, None] if tokens == "real" else None
 
 
+def hid_layers(student: Features, teacher: Features, proj: torch.nn.Module,
+               params: HiddenParams) -> tuple[list, list, torch.Tensor | None]:
+    """What D^hid compares: layers 1..M through W_h (B, L, d_T), layers 1..N, the entries that count."""
+    return [proj(h) for h in student.hidden[1:]], list(teacher.hidden[1:]), _token_keep(student.mask, params.tokens)
+
+
 def hid_cost(student: Features, teacher: Features, proj: torch.nn.Module, params: HiddenParams) -> torch.Tensor:
     """D^hid[i, j] = mean over (B, L, d_T) of (H^S_i W_h - H^T_j)^2, layers 1..M against 1..N."""
-    s = [proj(h) for h in student.hidden[1:]]  # (B, L, d_T) per layer
-    return pairwise_mse(s, teacher.hidden[1:], _token_keep(student.mask, params.tokens))
+    return pairwise_mse(*hid_layers(student, teacher, proj, params))
+
+
+def cls_layers(student: Features, teacher: Features, proj: torch.nn.Module | None) -> tuple[Any, Any, None]:
+    """What D^cls compares: the L2-normalised [CLS] vector of each layer (student's through W_h
+    when the hidden sizes differ), stacked (layers, B, d)."""
+    s = torch.stack([h[:, 0] for h in student.hidden[1:]])  # (M, B, d_S): [CLS] of each layer
+    if proj is not None:
+        s = proj(s)
+    t = torch.stack([h[:, 0] for h in teacher.hidden[1:]])
+    return F.normalize(s, dim=-1), F.normalize(t, dim=-1), None
 
 
 def cls_cost(student: Features, teacher: Features, proj: torch.nn.Module | None) -> torch.Tensor:
@@ -66,11 +109,7 @@ def cls_cost(student: Features, teacher: Features, proj: torch.nn.Module | None)
     ``proj`` is W_h when the hidden sizes differ (PKD itself cannot compare them otherwise), None
     when they are equal.
     """
-    s = torch.stack([h[:, 0] for h in student.hidden[1:]])  # (M, B, d_S): [CLS] of each layer
-    if proj is not None:
-        s = proj(s)
-    t = torch.stack([h[:, 0] for h in teacher.hidden[1:]])
-    return pairwise_mse(F.normalize(s, dim=-1), F.normalize(t, dim=-1))
+    return pairwise_mse(*cls_layers(student, teacher, proj))
 
 
 def emb_loss(student: Features, teacher: Features, proj: torch.nn.Module, params: HiddenParams) -> torch.Tensor:

@@ -22,7 +22,7 @@ def emd_flow(cost: torch.Tensor, w_s: torch.Tensor, w_t: torch.Tensor) -> torch.
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add("mapping", "emd", description="exact optimal transport between layers (BERT-EMD)")
+    registry.add("mapping", "emd", sparse_flow=True, description="exact optimal transport between layers (BERT-EMD)")
     registry.add("mapping", "uniform", description="F = w_s w_t^T: all pairs, no optimisation (ablation)")
 
 

@@ -50,7 +50,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add("mapping", "pkd", params=PkdParams, keeps_marginals=False, fixed=True,
+    registry.add("mapping", "pkd", params=PkdParams, keeps_marginals=False, fixed=True, sparse_flow=True,
                  description="BERT-PKD: student layers 1..M-1 against skip/last teacher layers, mean over pairs")
 
 

@@ -44,7 +44,7 @@ def _layers(ctx: StageContext) -> list[int]:
 
 @hookimpl
 def kdframe_register(registry: Registry) -> None:
-    registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False, fixed=True,
+    registry.add("mapping", "one-to-one", params=OneToOneParams, keeps_marginals=False, fixed=True, sparse_flow=True,
                  description="TinyBERT: student layer m learns from teacher layer m*N/M")
 
 
