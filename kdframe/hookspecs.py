@@ -13,7 +13,7 @@ kind) -> update_layer_weights -> loss_terms -> backward/optimizer -> step_end.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
@@ -236,10 +236,16 @@ def kdframe_extract_features(
 
 @hookspec
 def kdframe_layer_costs(
-    student: Features, teacher: Features, ctx: StageContext
+    student: Features, teacher: Features, ctx: StageContext,
+    pairs: Callable[[str, int, int], torch.Tensor | None],
 ) -> dict[str, torch.Tensor]:
     """Return cost matrices (M x N, student layers 1..M against teacher layers 1..N), keyed by
     feature kind (``att``, ``hid``, ...). The matrices keep their autograd graph.
+
+    ``pairs(kind, M, N)`` is, for a fixed mapping (``Strategy.fixed``), the boolean M x N mask of
+    the pairs its flow uses, else None: only those pairs need computing (leave the others 0; they
+    carry no flow). With ``ctx.sparse_flow`` a plugin may compute the matrices without autograd
+    and its loss terms on the pairs with flow only.
 
     Every plugin's dict is merged; two plugins returning the same kind is an error.
 

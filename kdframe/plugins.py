@@ -136,8 +136,9 @@ class PluginHost:
     def extra_parameters(self, ctx: StageContext) -> dict[str, Any]:
         return self._merged("kdframe_extra_parameters", ctx=ctx)
 
-    def layer_costs(self, student: Features, teacher: Features, ctx: StageContext) -> dict[str, Any]:
-        return self._merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx)
+    def layer_costs(self, student: Features, teacher: Features, ctx: StageContext,
+                    pairs: Callable[[str, int, int], Any] = lambda kind, m, n: None) -> dict[str, Any]:
+        return self._merged("kdframe_layer_costs", student=student, teacher=teacher, ctx=ctx, pairs=pairs)
 
     def layer_mapping(self, kind: str, cost: Any, weights: tuple[Any, Any], ctx: StageContext) -> Any:
         name = ctx.mapping.name if ctx.mapping else "(none)"

@@ -101,6 +101,7 @@ class DistillStep:
         self.teacher = teacher
         self.needs = needs
         self.phase = phase
+        self._plans: dict[tuple[str, int, int], torch.Tensor] = {}
 
     @property
     def where(self) -> str:
@@ -134,7 +135,7 @@ class DistillStep:
         """
         ctx, host = self.ctx, self.host
         with self.phase("costs"):
-            costs = host.layer_costs(student, teacher, ctx) if teacher is not None else {}
+            costs = host.layer_costs(student, teacher, ctx, self.planned_pairs) if teacher is not None else {}
             shared = share_costs(costs) if share_costs is not None else costs
         flows, used, next_weights = self.map_layers(shared, weights)
         with self.phase("loss_terms"):
@@ -144,6 +145,20 @@ class DistillStep:
                 raise PluginError(f"{self.where}: no plugin computed the loss term(s) {', '.join(missing)}")
             loss = sum(ctx.losses[name].weight * terms[name].float() for name in ctx.losses)
         return StepOutput(loss, terms, flows, used, next_weights)
+
+    def planned_pairs(self, kind: str, m: int, n: int) -> torch.Tensor | None:
+        """For a fixed mapping, the pairs its flow uses (a boolean M x N mask), else None. A fixed
+        flow depends on neither costs nor weights, so it is asked once per kind with zero costs."""
+        mapping = self.ctx.mapping
+        if mapping is None or not self.host.registry.get("mapping", mapping.name).fixed:
+            return None
+        if (kind, m, n) not in self._plans:
+            device = self.ctx.device
+            flow = self.host.layer_mapping(kind, torch.zeros(m, n, device=device), uniform_weights(m, n, device),
+                                           self.ctx)
+            self._check_flow(kind, flow, torch.zeros(m, n))
+            self._plans[kind, m, n] = flow.detach() != 0
+        return self._plans[kind, m, n]
 
     def map_layers(self, costs: dict[str, torch.Tensor], weights: LayerWeights,
                    ) -> tuple[dict[str, torch.Tensor], LayerWeights, LayerWeights]:

@@ -245,7 +245,7 @@ def test_costs_and_terms_follow_the_active_losses() -> None:
     w_h = extra[costs.W_H]
     assert isinstance(w_h, torch.nn.Linear) and (w_h.in_features, w_h.out_features) == (8, 12)
     student, teacher = random_features(2, 8, 2, seed=13, grad=True), random_features(4, 12, 2, seed=14)
-    found = costs.kdframe_layer_costs(student, teacher, ctx)
+    found = costs.kdframe_layer_costs(student, teacher, ctx, lambda kind, m, n: None)
     assert set(found) == {"hid"}
     flows = {"hid": torch.rand(2, 4)}
     terms = costs.kdframe_loss_terms(student, teacher, found, flows, {}, ctx)
@@ -260,31 +260,51 @@ def test_costs_and_terms_follow_the_active_losses() -> None:
 @pytest.mark.parametrize(("mapping", "terms", "d_s"), [
     ("emd", {"att": {}, "hid": {"tokens": "real"}}, 8), ("one-to-one", {"att": {"tokens": "real"}, "hid": {}}, 8),
     ("pkd", {"pt": {}}, 8), ("pkd", {"pt": {}}, 12)])
-def test_sparse_flows_give_the_full_graphs_loss_and_gradients(mapping: str, terms: dict, d_s: int) -> None:
-    """A sparse mapping's terms are computed on its pairs only (the grid without autograd): the
-    same loss and gradients, to 1e-6, as the full graph's sum(F * D)."""
-    sparse = make_ctx(3, 6, mapping=mapping, losses=terms, d_s=d_s)
-    assert sparse.sparse_flow
-    dense = attrs.evolve(sparse, sparse_flow=False)  # shares ctx.state: the same W_h
-    extra = costs.kdframe_extra_parameters(sparse)
+def test_the_step_computes_only_the_pairs_it_uses_with_the_full_graphs_loss_and_gradients(
+        mapping: str, terms: dict, d_s: int) -> None:
+    """The step as it runs (a sparse mapping: the grid without autograd and the terms again on the
+    flow's pairs; a fixed one: its pairs only) against the full graph's sum(F * D) on the full
+    grid: the same loss and gradients, to 1e-6."""
+    ctx = make_ctx(3, 6, mapping=mapping, losses=terms, d_s=d_s)
+    assert ctx.sparse_flow
+    full = attrs.evolve(ctx, sparse_flow=False)  # shares ctx.state: the same W_h
+    extra = costs.kdframe_extra_parameters(ctx)
     teacher = random_features(6, 12, 2, seed=22)
+    weights = {kind: (torch.full((3,), 1 / 3), torch.full((6,), 1 / 6)) for kind in ("att", "hid", "cls")}
     results = []
-    for ctx in (sparse, dense):
+    for as_run in (True, False):
         student = random_features(3, d_s, 2, seed=21, grad=True)
-        found = HOST.layer_costs(student, teacher, ctx)
-        assert all(cost.requires_grad != ctx.sparse_flow for cost in found.values())
-        weights = {kind: (torch.full((3,), 1 / 3), torch.full((6,), 1 / 6)) for kind in found}
-        flows = {kind: HOST.layer_mapping(kind, cost, weights[kind], ctx) for kind, cost in found.items()}
-        if mapping == "emd":
-            assert all((flow > 0).sum() < flow.numel() for flow in flows.values())  # some pairs carry nothing
-        loss = sum(HOST.loss_terms(student, teacher, found, flows, {}, ctx).values())
+        if as_run:
+            out = DistillStep(HOST, ctx).from_features(student, teacher, {}, weights)
+            loss, flows = out.loss, out.flows
+        else:
+            found = HOST.layer_costs(student, teacher, full)
+            assert all(cost.requires_grad for cost in found.values())
+            flows = {kind: HOST.layer_mapping(kind, cost, weights[kind], full) for kind, cost in found.items()}
+            loss = sum(HOST.loss_terms(student, teacher, found, flows, {}, full).values())
+        assert all((flow != 0).sum() < flow.numel() for flow in flows.values())  # some pairs carry nothing
         inputs = [*student.hidden, *student.attn, *(m.weight for m in extra.values())]
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         results.append((loss, [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]))
-    (loss_sparse, grads_sparse), (loss_dense, grads_dense) = results
-    torch.testing.assert_close(loss_sparse, loss_dense, rtol=1e-6, atol=0)
-    for got, expected in zip(grads_sparse, grads_dense):
+    (loss_run, grads_run), (loss_full, grads_full) = results
+    torch.testing.assert_close(loss_run, loss_full, rtol=1e-6, atol=0)
+    for got, expected in zip(grads_run, grads_full):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("mapping", ["one-to-one", "pkd"])
+def test_a_fixed_mapping_s_costs_are_its_pairs_only(mapping: str) -> None:
+    ctx = make_ctx(3, 6, mapping=mapping, losses={"att": {}, "hid": {}, "pt": {}})
+    costs.kdframe_extra_parameters(ctx)
+    student, teacher = random_features(3, 8, 2, seed=23, grad=True), random_features(6, 12, 2, seed=24)
+    step = DistillStep(HOST, ctx)
+    found = HOST.layer_costs(student, teacher, ctx, step.planned_pairs)
+    full = HOST.layer_costs(student, teacher, ctx)
+    for kind, cost in found.items():
+        plan = step.planned_pairs(kind, 3, 6)
+        assert 0 < plan.sum() < 18 and cost.requires_grad
+        torch.testing.assert_close(cost[plan], full[kind][plan], rtol=0, atol=0)  # the same values, bit for bit
+        assert (cost[~plan] == 0).all()
 
 
 def test_w_h_only_when_needed() -> None:
@@ -298,7 +318,7 @@ def test_pt_term_is_the_mean_over_pkd_pairs() -> None:
     """PKD: [CLS] of student layers 1..M-1 and the skip teacher layers, normalised, one MSE."""
     ctx = make_ctx(3, 6, losses={"pt": {}}, mapping="pkd", d_s=12)
     student, teacher = random_features(3, 12, 2, seed=15), random_features(6, 12, 2, seed=16)
-    found = costs.kdframe_layer_costs(student, teacher, ctx)
+    found = costs.kdframe_layer_costs(student, teacher, ctx, lambda kind, m, n: None)
     flows = {"cls": pkd.kdframe_layer_mapping("cls", found["cls"], (None, None), ctx)}
     term = costs.kdframe_loss_terms(student, teacher, found, flows, {}, ctx)["pt"]
     s = torch.stack([F.normalize(student.hidden[m][:, 0], dim=-1) for m in (1, 2)])

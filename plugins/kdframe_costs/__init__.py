@@ -13,6 +13,7 @@ is the one used here.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -104,27 +105,33 @@ def kdframe_stage_start(ctx: StageContext) -> None:
 
 
 @hookimpl
-def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext) -> dict[str, torch.Tensor]:
+def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext,
+                        pairs: Callable[[str, int, int], torch.Tensor | None]) -> dict[str, torch.Tensor]:
     import torch
 
     from kdframe_costs.matrices import pairwise_mse
 
-    # A sparse mapping's loss is computed again on its pairs (kdframe_loss_terms): the grid needs no graph.
-    with torch.no_grad() if ctx.sparse_flow else contextlib.nullcontext():
-        return {kind: pairwise_mse(*layers) for kind, layers in _compared(student, teacher, ctx).items()}
+    costs = {}
+    for kind in (TERM_KIND[term] for term in TERM_KIND if ctx.active(term)):
+        planned = pairs(kind, ctx.student_layers, ctx.teacher_layers)  # a fixed mapping's: only those, with graph
+        # A sparse mapping's loss is computed again on its flow's pairs (kdframe_loss_terms): no graph here.
+        with torch.no_grad() if planned is None and ctx.sparse_flow else contextlib.nullcontext():
+            costs[kind] = pairwise_mse(*_compared(student, teacher, ctx, [kind])[kind], planned)
+    return costs
 
 
-def _compared(student: Features, teacher: Features, ctx: StageContext) -> dict[str, tuple[Any, Any, Any]]:
-    """Per cost kind of the active terms: the student's and teacher's layers it compares, and the
-    entries that count (kdframe_costs.matrices)."""
+def _compared(student: Features, teacher: Features, ctx: StageContext,
+              kinds: Iterable[str]) -> dict[str, tuple[Any, Any, Any]]:
+    """Per cost kind of the active terms (of ``kinds``): the student's and teacher's layers it
+    compares, and the entries that count (kdframe_costs.matrices)."""
     from kdframe_costs.matrices import att_layers, cls_layers, hid_layers  # torch: only once a stage trains
 
     compared = {}
-    if ctx.active("att"):
+    if ctx.active("att") and "att" in kinds:
         compared["att"] = att_layers(student, teacher, ctx.losses["att"].params)
-    if ctx.active("hid"):
+    if ctx.active("hid") and "hid" in kinds:
         compared["hid"] = hid_layers(student, teacher, projection(ctx), ctx.losses["hid"].params)
-    if ctx.active("pt"):
+    if ctx.active("pt") and "cls" in kinds:
         same = student.hidden[0].shape[-1] == teacher.hidden[0].shape[-1]
         compared["cls"] = cls_layers(student, teacher, None if same else projection(ctx))
     return compared
@@ -141,12 +148,12 @@ def kdframe_loss_terms(
 ) -> dict[str, torch.Tensor]:
     from kdframe_costs.matrices import emb_loss, transported_mse
 
-    if ctx.sparse_flow:
-        compared = _compared(student, teacher, ctx)
-        terms = {term: transported_mse(*compared[kind], flows[kind]) for term, kind in TERM_KIND.items()
-                 if ctx.active(term)}
-    else:
-        terms = {term: (flows[kind] * costs[kind]).sum() for term, kind in TERM_KIND.items() if ctx.active(term)}
+    kinds = {term: kind for term, kind in TERM_KIND.items() if ctx.active(term)}
+    # A grid computed without autograd (a sparse mapping's) is computed again on the flow's pairs.
+    again = [kind for kind in kinds.values() if not costs[kind].requires_grad]
+    compared = _compared(student, teacher, ctx, again) if again else {}
+    terms = {term: transported_mse(*compared[kind], flows[kind]) if kind in compared else (flows[kind] * costs[kind]).sum()
+             for term, kind in kinds.items()}
     if ctx.active("emb"):
         terms["emb"] = emb_loss(student, teacher, projection(ctx), ctx.losses["emb"].params)
     return terms

@@ -29,7 +29,7 @@ def _masked(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], ke
 
 
 def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
+                 keep: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
 
     ``student`` (M layers) and ``teacher`` (N layers) hold tensors of one shape, as sequences or
@@ -38,24 +38,29 @@ def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
     the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close layers
     (where training starts) in float32, and in float64 it took more time and memory than these
     M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
+    ``pairs`` (a boolean M x N mask) computes those pairs only and leaves the others 0.
     """
     with torch.autocast(student[0].device.type, enabled=False):
         s, t, count = _masked(student, teacher, keep)
+        if pairs is not None:
+            return _pair_matrix(s, t, count, pairs)
         # mse_loss keeps only its two inputs for the backward, no differences
         return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
+
+
+def _pair_matrix(s: Sequence[torch.Tensor], t: Sequence[torch.Tensor], count: Any, pairs: torch.Tensor) -> torch.Tensor:
+    """The M x N matrix of D on the ``pairs`` mask's pairs, 0 elsewhere."""
+    rows, cols = pairs.nonzero(as_tuple=True)
+    values = torch.stack([F.mse_loss(s[i], t[j], reduction="sum") for i, j in zip(rows.tolist(), cols.tolist())])
+    return torch.zeros(pairs.shape, device=values.device).index_put((rows, cols), values / count)
 
 
 def transported_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], keep: torch.Tensor | None,
                     flow: torch.Tensor) -> torch.Tensor:
     """sum(flow * D) with D of ``pairwise_mse``, computed (and kept for the backward) only on the
     pairs with non-zero flow: the same value and gradient, since the others add exact zeros."""
-    with torch.autocast(student[0].device.type, enabled=False):
-        s, t, count = _masked(student, teacher, keep)
-        rows, cols = flow.detach().nonzero(as_tuple=True)
-        pairs = torch.stack([F.mse_loss(s[i], t[j], reduction="sum") for i, j in zip(rows.tolist(), cols.tolist())])
-        # The pairs in the full matrix, so that the sum runs as the dense form's does (same rounding).
-        cost = torch.zeros(flow.shape, device=pairs.device).index_put((rows, cols), pairs / count)
-        return (flow * cost).sum()
+    # The pairs in the full matrix, so that the sum runs as the dense form's does (same rounding).
+    return (flow * pairwise_mse(student, teacher, keep, pairs=flow.detach() != 0)).sum()
 
 
 def att_layers(student: Features, teacher: Features, params: AttParams) -> tuple[list, list, torch.Tensor | None]:
