@@ -379,3 +379,30 @@ def test_the_guides_own_data_recipe_validates(tmp_path: Path) -> None:
     result = kd("validate", tmp_path / "my_reviews.toml")
     assert result.rc == 0, result.err
     assert "task reviews: 20 train / 5 dev examples, metric accuracy" in " ".join(result.out.split())
+
+
+def test_batches_from_a_table_of_many_chunks_hold_exactly_their_rows() -> None:
+    """A memory-mapped token cache holds one chunk per 1,000 rows: collate reads the batch's rows
+    by slices (Table.take would concatenate every chunk first); the batch equals a by-hand one."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from kdframe.batches import collate
+    from kdframe.types import TaskInfo, TokenizedSplit
+
+    task = TaskInfo("pairs", 2, ("accuracy",), "accuracy")
+    rng = np.random.default_rng(0)
+    ids = [list(rng.integers(5, 100, rng.integers(1, 9))) for _ in range(60)]
+    labels = [int(x) for x in rng.integers(0, 2, 60)]
+    whole = TokenizedSplit.from_lists(task, "train", ids, labels)
+    chunked = pa.Table.from_batches([b for start in range(0, 60, 7) for b in whole.table.slice(start, 7).to_batches()])
+    split = TokenizedSplit(task, "train", chunked)
+    assert split.table.column("input_ids").num_chunks == 9
+    indices = [59, 0, 13, 14, 7, 42]
+    batch = collate(split, indices, torch.device("cpu"))
+    longest = max(len(ids[i]) for i in indices)
+    expected = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
+    assert torch.equal(batch["input_ids"], expected)
+    assert torch.equal(batch["attention_mask"], (expected != 0).long())
+    assert batch["labels"].tolist() == [labels[i] for i in indices]
