@@ -12,8 +12,7 @@ is the one used here.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
@@ -23,7 +22,10 @@ from kdframe.api import Features, ModelError, NoParams, PluginError, Registry, S
 if TYPE_CHECKING:
     import torch
 
+    from kdframe_costs.matrices import Pairs
+
 W_H = "costs.W_h"  # its name among the extra parameters and its key in ctx.state
+PAIR_COSTS = "costs.pairs"  # ctx.state: a sparse mapping's step, each pair's cost with its graph, costs -> loss
 TERM_KIND = {"att": "att", "hid": "hid", "pt": "cls"}  # loss term -> the cost kind it transports
 
 Tokens = Literal["all", "real"]
@@ -107,31 +109,41 @@ def kdframe_stage_start(ctx: StageContext) -> None:
 @hookimpl
 def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext,
                         pairs: Callable[[str, int, int], torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    import torch
+    from kdframe_costs.matrices import cost_matrix, pair_costs  # torch: only once a stage trains
 
-    from kdframe_costs.matrices import pairwise_mse
-
-    costs = {}
-    for kind in (TERM_KIND[term] for term in TERM_KIND if ctx.active(term)):
-        planned = pairs(kind, ctx.student_layers, ctx.teacher_layers)  # a fixed mapping's: only those, with graph
-        # A sparse mapping's loss is computed again on its flow's pairs (kdframe_loss_terms): no graph here.
-        with torch.no_grad() if planned is None and ctx.sparse_flow else contextlib.nullcontext():
-            costs[kind] = pairwise_mse(*_compared(student, teacher, ctx, [kind])[kind], planned)
+    costs, kept = {}, {}
+    for kind, (s, t, keep) in _compared(student, teacher, ctx).items():
+        shape = (ctx.student_layers, ctx.teacher_layers)
+        values = pair_costs(s, t, keep, pairs(kind, *shape))  # a fixed mapping's pairs only
+        if ctx.sparse_flow:  # the loss reads the pairs with flow (kdframe_loss_terms); the mapping no graph
+            kept[kind] = values
+            costs[kind] = cost_matrix(values, shape).detach()
+        else:
+            costs[kind] = cost_matrix(values, shape)
+    ctx.state[PAIR_COSTS] = kept
     return costs
 
 
-def _compared(student: Features, teacher: Features, ctx: StageContext,
-              kinds: Iterable[str]) -> dict[str, tuple[Any, Any, Any]]:
-    """Per cost kind of the active terms (of ``kinds``): the student's and teacher's layers it
-    compares, and the entries that count (kdframe_costs.matrices)."""
-    from kdframe_costs.matrices import att_layers, cls_layers, hid_layers  # torch: only once a stage trains
+def _with_flow(values: Pairs, flow: torch.Tensor) -> torch.Tensor:
+    """The cost matrix of the pairs that carry flow: the loss's backward runs through those alone
+    (an optimal transport has at most M + N - 1 of the M x N), with the dense form's value."""
+    from kdframe_costs.matrices import cost_matrix
+
+    carried = {tuple(pair): values[tuple(pair)] for pair in flow.detach().nonzero().tolist()}
+    return cost_matrix(carried, tuple(flow.shape))
+
+
+def _compared(student: Features, teacher: Features, ctx: StageContext) -> dict[str, tuple[Any, Any, Any]]:
+    """Per cost kind of the active terms: the student's and teacher's layers it compares, and the
+    entries that count (kdframe_costs.matrices)."""
+    from kdframe_costs.matrices import att_layers, cls_layers, hid_layers
 
     compared = {}
-    if ctx.active("att") and "att" in kinds:
+    if ctx.active("att"):
         compared["att"] = att_layers(student, teacher, ctx.losses["att"].params)
-    if ctx.active("hid") and "hid" in kinds:
+    if ctx.active("hid"):
         compared["hid"] = hid_layers(student, teacher, projection(ctx), ctx.losses["hid"].params)
-    if ctx.active("pt") and "cls" in kinds:
+    if ctx.active("pt"):
         same = student.hidden[0].shape[-1] == teacher.hidden[0].shape[-1]
         compared["cls"] = cls_layers(student, teacher, None if same else projection(ctx))
     return compared
@@ -146,14 +158,11 @@ def kdframe_loss_terms(
     batch: dict[str, torch.Tensor],
     ctx: StageContext,
 ) -> dict[str, torch.Tensor]:
-    from kdframe_costs.matrices import emb_loss, transported_mse
+    from kdframe_costs.matrices import emb_loss
 
-    kinds = {term: kind for term, kind in TERM_KIND.items() if ctx.active(term)}
-    # A grid computed without autograd (a sparse mapping's) is computed again on the flow's pairs.
-    again = [kind for kind in kinds.values() if not costs[kind].requires_grad]
-    compared = _compared(student, teacher, ctx, again) if again else {}
-    terms = {term: transported_mse(*compared[kind], flows[kind]) if kind in compared else (flows[kind] * costs[kind]).sum()
-             for term, kind in kinds.items()}
+    kept = ctx.state.pop(PAIR_COSTS, {})
+    terms = {term: (flows[kind] * (_with_flow(kept[kind], flows[kind]) if kind in kept else costs[kind])).sum()
+             for term, kind in TERM_KIND.items() if ctx.active(term)}
     if ctx.active("emb"):
         terms["emb"] = emb_loss(student, teacher, projection(ctx), ctx.losses["emb"].params)
     return terms

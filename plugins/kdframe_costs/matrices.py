@@ -3,6 +3,7 @@ imported at the first step."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,39 +29,40 @@ def _masked(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], ke
     return s, t, count
 
 
-def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                 keep: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1.
+Pairs = dict[tuple[int, int], torch.Tensor]  # (student layer, teacher layer) -> that pair's D, with its graph
+
+
+def pair_costs(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], keep: torch.Tensor | None = None,
+               pairs: torch.Tensor | None = None) -> Pairs:
+    """D[i, j] = mean of (student[i] - teacher[j])^2 over the entries where ``keep`` is 1, each pair
+    a scalar of its own: a loss over some pairs backpropagates through those pairs alone.
 
     ``student`` (M layers) and ``teacher`` (N layers) hold tensors of one shape, as sequences or
     stacked along dim 0 (not stacked here: each pair is read on its own). ``keep`` is a 0/1 tensor
-    broadcastable to that shape (None keeps every entry). One pass over the differences per pair:
-    the one-matmul expansion ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close layers
-    (where training starts) in float32, and in float64 it took more time and memory than these
-    M*N passes at kdframe's sizes (docs/performance.md). Float32 even under autocast.
-    ``pairs`` (a boolean M x N mask) computes those pairs only and leaves the others 0.
+    broadcastable to that shape (None keeps every entry); ``pairs`` (a boolean M x N mask) limits
+    the pairs computed. One pass over the differences per pair: the one-matmul expansion
+    ||a||^2 + ||b||^2 - 2 a.b cancels the small costs of close layers (where training starts) in
+    float32, and in float64 it took more time and memory than these M*N passes at kdframe's sizes
+    (docs/performance.md). Float32 even under autocast.
     """
     with torch.autocast(student[0].device.type, enabled=False):
         s, t, count = _masked(student, teacher, keep)
-        if pairs is not None:
-            return _pair_matrix(s, t, count, pairs)
+        chosen = pairs.nonzero().tolist() if pairs is not None else itertools.product(range(len(s)), range(len(t)))
         # mse_loss keeps only its two inputs for the backward, no differences
-        return torch.stack([torch.stack([F.mse_loss(s_i, t_j, reduction="sum") for t_j in t]) for s_i in s]) / count
+        return {(i, j): F.mse_loss(s[i], t[j], reduction="sum") / count for i, j in chosen}
 
 
-def _pair_matrix(s: Sequence[torch.Tensor], t: Sequence[torch.Tensor], count: Any, pairs: torch.Tensor) -> torch.Tensor:
-    """The M x N matrix of D on the ``pairs`` mask's pairs, 0 elsewhere."""
-    rows, cols = pairs.nonzero(as_tuple=True)
-    values = torch.stack([F.mse_loss(s[i], t[j], reduction="sum") for i, j in zip(rows.tolist(), cols.tolist())])
-    return torch.zeros(pairs.shape, device=values.device).index_put((rows, cols), values / count)
+def cost_matrix(values: Pairs, shape: tuple[int, int]) -> torch.Tensor:
+    """The M x N matrix of ``values``, 0 at the pairs it lacks."""
+    stacked = torch.stack(list(values.values()))
+    rows, cols = torch.tensor(list(values), dtype=torch.long, device=stacked.device).unbind(1)
+    return torch.zeros(shape, device=stacked.device, dtype=stacked.dtype).index_put((rows, cols), stacked)
 
 
-def transported_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], keep: torch.Tensor | None,
-                    flow: torch.Tensor) -> torch.Tensor:
-    """sum(flow * D) with D of ``pairwise_mse``, computed (and kept for the backward) only on the
-    pairs with non-zero flow: the same value and gradient, since the others add exact zeros."""
-    # The pairs in the full matrix, so that the sum runs as the dense form's does (same rounding).
-    return (flow * pairwise_mse(student, teacher, keep, pairs=flow.detach() != 0)).sum()
+def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                 keep: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """The M x N matrix of ``pair_costs``."""
+    return cost_matrix(pair_costs(student, teacher, keep, pairs), (len(student), len(teacher)))
 
 
 def att_layers(student: Features, teacher: Features, params: AttParams) -> tuple[list, list, torch.Tensor | None]:
