@@ -154,9 +154,9 @@ class DistillStep:
             return None
         if (kind, m, n) not in self._plans:
             device = self.ctx.device
-            flow = self.host.layer_mapping(kind, torch.zeros(m, n, device=device), uniform_weights(m, n, device),
-                                           self.ctx)
-            self._check_flow(kind, flow, torch.zeros(m, n))
+            zeros = torch.zeros(m, n, device=device)
+            flow = self.host.layer_mapping(kind, zeros, uniform_weights(m, n, device), self.ctx)
+            self._check_flow(kind, flow, zeros)
             self._plans[kind, m, n] = flow.detach() != 0
         return self._plans[kind, m, n]
 

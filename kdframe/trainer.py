@@ -385,10 +385,10 @@ class Trainer:
 
     def log_layer_weights(self, key: str, step: int, record: StepRecord) -> None:
         for kind, flow in record.flows.items():
-            ws, wt = record.weights[kind]
+            ws, wt = (w.float().cpu().tolist() for w in record.weights[kind])
             self.run_dir.append_jsonl(LAYER_WEIGHTS, {
-                "stage": key, "step": step, "kind": kind, "student": ws.float().cpu().tolist(),
-                "teacher": wt.float().cpu().tolist(), "flow": flow.detach().float().cpu().tolist()})
+                "stage": key, "step": step, "kind": kind, "student": ws, "teacher": wt,
+                "flow": flow.detach().float().cpu().tolist()})
             self.track(key, f"layer_weights/{kind}", step,
-                       {**{f"student_{i}": w for i, w in enumerate(ws.float().cpu().tolist(), 1)},
-                        **{f"teacher_{j}": w for j, w in enumerate(wt.float().cpu().tolist(), 1)}})
+                       {**{f"student_{i}": w for i, w in enumerate(ws, 1)},
+                        **{f"teacher_{j}": w for j, w in enumerate(wt, 1)}})

@@ -111,15 +111,14 @@ def kdframe_layer_costs(student: Features, teacher: Features, ctx: StageContext,
                         pairs: Callable[[str, int, int], torch.Tensor | None]) -> dict[str, torch.Tensor]:
     from kdframe_costs.matrices import cost_matrix, pair_costs  # torch: only once a stage trains
 
+    shape = (ctx.student_layers, ctx.teacher_layers)
     costs, kept = {}, {}
     for kind, (s, t, keep) in _compared(student, teacher, ctx).items():
-        shape = (ctx.student_layers, ctx.teacher_layers)
         values = pair_costs(s, t, keep, pairs(kind, *shape))  # a fixed mapping's pairs only
+        costs[kind] = cost_matrix(values, shape)
         if ctx.sparse_flow:  # the loss reads the pairs with flow (kdframe_loss_terms); the mapping no graph
             kept[kind] = values
-            costs[kind] = cost_matrix(values, shape).detach()
-        else:
-            costs[kind] = cost_matrix(values, shape)
+            costs[kind] = costs[kind].detach()
     ctx.state[PAIR_COSTS] = kept
     return costs
 

@@ -60,9 +60,9 @@ def cost_matrix(values: Pairs, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def pairwise_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                 keep: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """The M x N matrix of ``pair_costs``."""
-    return cost_matrix(pair_costs(student, teacher, keep, pairs), (len(student), len(teacher)))
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The M x N matrix of ``pair_costs`` over every pair."""
+    return cost_matrix(pair_costs(student, teacher, keep), (len(student), len(teacher)))
 
 
 def att_layers(student: Features, teacher: Features, params: AttParams) -> tuple[list, list, torch.Tensor | None]:
