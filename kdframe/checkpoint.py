@@ -15,6 +15,7 @@ this kdframe knows is refused with a message.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import zipfile
@@ -175,3 +176,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict: names, dtypes, shapes and the raw bytes of every tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -38,23 +38,16 @@ def get(name: str) -> Any:
                            " (and resume=RUN_DIR to continue a run)") from None
 
 
-def is_memory(value: str) -> bool:
-    return value.startswith(PREFIX)
-
-
 def _model_digest(model: Any) -> str:
     import torch
 
+    from kdframe.checkpoint import weights_digest
+
     if not isinstance(model, torch.nn.Module):
         raise KdframeError(f"expected a torch model (a torch.nn.Module), got {type(model).__name__}")
-    digest = hashlib.sha256(type(model).__name__.encode())
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
-    for key, tensor in model.state_dict().items():
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    described = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    return hashlib.sha256(f"{type(model).__name__}|{described}|{weights_digest(model)}".encode()).hexdigest()
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from kdframe.caches import cache_root
+from kdframe.checkpoint import weights_digest
 from kdframe.fileio import atomic_write
 from kdframe.tokens import tokenizer_identity
 from kdframe.types import Features, TokenizedSplit
@@ -54,16 +55,6 @@ Entry = dict[str, Any]  # one example: tensors (CPU, storage dtype) and "dtypes"
 
 def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over the state dict: names, dtypes, shapes and the raw bytes of every tensor."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def split_digest(split: TokenizedSplit) -> str:
