@@ -235,10 +235,9 @@ def plugins_json(host: Any) -> dict[str, Any]:
     return {
         "plugins": [{**attrs.asdict(info), "hooks": host.hooks_of(info.name), "registers": registry.by_plugin(info.name)}
                     for info in host.infos],
-        "strategies": [{"slot": s.slot, "name": s.name, "plugin": s.plugin, "description": s.description,
-                        "needs": sorted(s.needs), "keeps_marginals": s.keeps_marginals, "fixed": s.fixed,
-                        "needs_marginals": s.needs_marginals, "student_only": s.student_only,
-                        "params": params_schema(s.params)} for s in registry.all()],
+        # Every field of the Strategy (its flags included, whichever a later version adds), params as a schema.
+        "strategies": [{**attrs.asdict(s, recurse=False), "needs": sorted(s.needs), "params": params_schema(s.params)}
+                       for s in registry.all()],
         "data_sources": [{"name": d.name, "plugin": d.plugin, "description": d.description,
                           "defines_tasks": d.task is not None, "params": params_schema(d.params)}
                          for d in registry.data_sources()],

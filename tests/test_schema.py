@@ -100,6 +100,7 @@ def test_plugins_json_lists_what_is_registered(cli) -> None:
     listed = json.loads(result.stdout)
     assert {p["name"] for p in listed["plugins"]} >= {"emd", "glue", "text", "hf", "losses"}
     pkd = next(s for s in listed["strategies"] if s["slot"] == "mapping" and s["name"] == "pkd")
+    assert pkd["fixed"] and pkd["sparse_flow"] and not pkd["keeps_marginals"] and pkd["plugin"] == "pkd"
     assert pkd["params"]["properties"]["choice"] == {"enum": ["skip", "last"], "default": "skip",
                                                      "description": pkd["params"]["properties"]["choice"]["description"]}
     assert next(t for t in listed["tasks"] if t["name"] == "mrpc")["metrics"] == ["f1", "accuracy"]
