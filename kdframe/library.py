@@ -81,6 +81,8 @@ def _with_objects(recipe: Any, overrides: list[str], host: PluginHost, teacher: 
         recipe = to_plain(recipe)
     if all(obj is None for obj in (teacher, student, tokenizer, train, dev)):
         return recipe, overrides
+    if dev is not None and train is None:  # before anything is hashed or loaded
+        raise KdframeError("dev= without train=: pass the training examples too")
     loaded = load_recipe(recipe, overrides, host.registry)
     plain = to_plain(loaded.recipe)
     if tokenizer is not None:
@@ -88,15 +90,14 @@ def _with_objects(recipe: Any, overrides: list[str], host: PluginHost, teacher: 
     for role, model in (("teacher", teacher), ("student", student)):
         if model is not None:
             plain[role].update(init="pretrained", model=memory.put("model", model), layers=[], config={})
-    if dev is not None and train is None:
-        raise KdframeError("dev= without train=: pass the training examples too")
     if train is not None:
         plain["data"] = _with_datasets(loaded.recipe.data, plain["data"], host, {"train": train, "dev": dev})
     return plain, []
 
 
 def _with_datasets(data: Any, plain: dict[str, Any], host: PluginHost, splits: dict[str, Any]) -> dict[str, Any]:
-    """``[data]`` reading ``splits`` through its source's ``in_memory`` (sources that can: ...)."""
+    """``[data]`` reading ``splits`` through its data source's ``in_memory`` (refused for a source
+    registered without one)."""
     from kdframe.recipe import to_plain
 
     source = host.registry.data_source(data.source)
