@@ -39,14 +39,15 @@ none) use the free processes.
 ``--resume`` skips done cells, continues an unfinished cell from its checkpoint, and restarts a cell
 that died before its first checkpoint (or failed before training) from scratch.
 
-Several machines: running ``kdframe ablate GRID --out SHARED --resume`` on two machines at once is
-NOT safe: both would take the same pending cells and overwrite each other's state file. Shard the
-grid instead: ``--shard I/N`` runs only the cells with index % N == I and keeps its state in
-``ablation.shard-I-of-N.json``. Shards write disjoint cell directories, so they can share one
-directory on a shared filesystem, or run in separate ones copied together afterwards;
-``kdframe report DIR`` reads every state file it finds. Point ``KDFRAME_CACHE`` at a shared
-directory to fine-tune each teacher once, otherwise each machine fine-tunes its tasks' teachers.
-docs/ablation.md sketches Ray as an optional scheduler on top of ``run_cell``.
+Several machines: ``--on ray`` runs the cells as tasks on a Ray cluster (kdframe.ablate_ray; the
+same order, state file and resume). Without a cluster, running ``kdframe ablate GRID --out SHARED
+--resume`` on two machines at once is NOT safe: both would take the same pending cells and
+overwrite each other's state file. Shard the grid instead: ``--shard I/N`` runs only the cells
+with index % N == I and keeps its state in ``ablation.shard-I-of-N.json``. Shards write disjoint
+cell directories, so they can share one directory on a shared filesystem, or run in separate ones
+copied together afterwards; ``kdframe report DIR`` reads every state file it finds. Point
+``KDFRAME_CACHE`` at a shared directory to fine-tune each teacher once, otherwise each machine
+fine-tunes its tasks' teachers.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
 
     run_dir = Path(root) / cell["dir"]
     started = time.monotonic()
+    resume = None
     try:
         if (run_dir / SUMMARY).is_file():  # finished, but killed before the state file said so
             summary = json.loads((run_dir / SUMMARY).read_text())
@@ -162,7 +164,7 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
     student = summary["student"]
     return {"status": "done", "error": None, "wall_time_s": round(time.monotonic() - started, 2),
             "main_metric": metric, "best": (student["best"] or {}).get(metric),
-            "final": (student["final"] or {}).get(metric)}
+            "final": (student["final"] or {}).get(metric), "resumed": resume is not None}
 
 
 def _outcome_line(cell: Cell) -> str:
@@ -272,26 +274,22 @@ class Ablation:
         return True
 
     def run_parallel(self, todo: list[Cell], jobs: int) -> bool:
-        from kdframe.plugins import load_plugins
-
-        host = load_plugins(self.plugins)
-        teachers = {id(c): _teacher_to_cache(c, host) for c in todo}
-        first: dict[Path, Cell] = {}
-        for cell in todo:
-            target = teachers[id(cell)]
-            if target is not None and not target.exists():
-                first.setdefault(target, cell)
-        # One cell per uncached teacher goes first and fine-tunes it; cells that need a teacher still
-        # being fine-tuned wait for it, and cells that do not fill the free processes meanwhile.
-        order = list(first.values()) + [c for c in todo if all(c is not f for f in first.values())]
+        order, teachers = teachers_first(todo, self.plugins)
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            return self._drain(pool, order, jobs, teachers)
+            return self._drain(ProcessCells(pool, jobs, str(self.state.root), self.plugins, self.terminated),
+                               order, teachers)
 
-    def _drain(self, pool: ProcessPoolExecutor, cells: list[Cell], jobs: int,
-               teachers: dict[int, Path | None]) -> bool:
-        """Keep up to ``jobs`` cells running; after Ctrl-C let the running ones checkpoint and stop."""
+    def run_ray(self, ray: Any, grid: Any, todo: list[Cell]) -> bool:
+        from kdframe.ablate_ray import RayCells
+
+        order, teachers = teachers_first(todo, self.plugins)
+        return self._drain(RayCells(ray, grid, str(self.state.root.resolve()), self.plugins, todo), order, teachers)
+
+    def _drain(self, executor: "CellExecutor", cells: list[Cell], teachers: dict[int, Path | None]) -> bool:
+        """Keep up to ``executor.capacity`` cells running; after Ctrl-C let the running ones
+        checkpoint and stop."""
         from rich.markup import escape
 
         queue = list(cells)
@@ -306,69 +304,177 @@ class Ablation:
 
         complete = True
         while queue or running:
-            while complete and len(running) < jobs and (cell := next(filter(ready, queue), None)):
-                queue.remove(cell)
-                target = teachers[id(cell)]
-                if target is not None and not target.exists():
-                    fine_tuning[id(cell)] = target
-                self.start(cell)
-                # Workers run quietly: several progress bars would interleave.
-                running[pool.submit(run_cell, cell, str(self.state.root), "off", self.plugins)] = cell
-            if not running:
-                break
+            # Ctrl-C may come at any point of an iteration; the cells then checkpoint and stop, and a
+            # cell whose outcome was not stored yet stays "running" in the state file: --resume
+            # continues it from its checkpoint.
             try:
+                while complete and len(running) < executor.capacity and (cell := next(filter(ready, queue), None)):
+                    queue.remove(cell)
+                    target = teachers[id(cell)]
+                    if target is not None and not target.exists():
+                        fine_tuning[id(cell)] = target
+                    self.start(cell)
+                    running[executor.submit(cell)] = cell
+                if not running:
+                    break
                 done, _ = wait(running, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED)
                 if not done:
+                    self.say(self.tally(len(running), len(queue)))
                     for cell in running.values():
                         self.say(f"{self.tag(cell)} {escape(self.progress_of(cell))}")
+                for future in done:
+                    cell = running.pop(future)
+                    fine_tuning.pop(id(cell), None)
+                    complete = self.finish(cell, executor.outcome(future)) and complete
             except KeyboardInterrupt:
-                complete = False
-                if self.terminated.received:  # Ctrl-C reached the workers too; SIGTERM came to this process
-                    for worker in list(getattr(pool, "_processes", {}).values()):
-                        worker.terminate()  # SIGTERM: a training cell checkpoints and stops
-                self.say("interrupt: waiting for the running cells to checkpoint and stop")
-                continue
-            for future in done:
-                cell = running.pop(future)
-                fine_tuning.pop(id(cell), None)
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # the worker process died (e.g. killed for memory)
-                    outcome = {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}",
-                               "wall_time_s": None}
-                complete = self.finish(cell, outcome) and complete
+                if complete:
+                    complete = False
+                    executor.interrupt(list(running))
+                    self.say("interrupt: waiting for the running cells to checkpoint and stop")
         return complete
+
+    def tally(self, running: int, waiting: int) -> str:
+        """Cells done, running, waiting and failed, and the time left at the finished cells' pace."""
+        cells = self.state.cells
+        done = [c for c in cells if c["status"] == "done" and c["wall_time_s"] is not None]
+        failed = sum(c["status"] == "failed" for c in cells)
+        left = sum(c["status"] not in ("done", "failed") for c in cells)
+        line = (f"{sum(c['status'] == 'done' for c in cells)}/{len(cells)} cells done, {running} running,"
+                f" {waiting} waiting, {failed} failed")
+        if done and left:
+            mean = sum(c["wall_time_s"] for c in done) / len(done)
+            line += f"; ~{left * mean / max(1, running) / 60:.0f} min left at {mean / 60:.1f} min per cell"
+        return line
+
+
+def _join_ray(address: str | None, root: Path, grid: Any, cells: list[Cell]) -> Any:
+    """Connect to the cluster and check that it can run every cell and that every node shares
+    ``root`` and the cache with this driver, before the ablation directory holds anything (a
+    failed check removes what it made)."""
+    from kdframe.ablate_ray import check_fit, check_storage, connect
+    from kdframe.caches import cache_root
+    from kdframe.recipe import DataSpec
+
+    cache = cache_root(DataSpec()).resolve()
+    ray = connect(address, cache)
+    check_fit(ray, grid, cells)
+    made = [d for d in (root, cache) if not d.exists()]
+    try:
+        for directory in (root, cache):
+            directory.mkdir(parents=True, exist_ok=True)
+        check_storage(ray, [root.resolve(), cache])
+    except OSError as exc:
+        raise KdframeError(f"cannot create {exc.filename}: {exc.strerror}") from None
+    except BaseException:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return ray
+
+
+def _cluster_size(ray: Any) -> str:
+    total = ray.cluster_resources()
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    return f"{nodes} node{'s' * (nodes != 1)}, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+
+
+class CellExecutor:
+    """Where ``Ablation._drain`` runs cells: ``capacity`` at once, each submitted as a future."""
+
+    capacity: int
+
+    def submit(self, cell: Cell) -> Future:
+        raise NotImplementedError
+
+    def interrupt(self, running: list[Future]) -> None:
+        """Ctrl-C or SIGTERM reached the ablation: make the running cells checkpoint and stop."""
+
+    def outcome(self, future: Future) -> dict[str, Any]:
+        """The fields to store for a finished cell (``run_cell``'s), also when its worker died."""
+        try:
+            return future.result()
+        except Exception as exc:  # the worker process died (e.g. killed for memory)
+            return {"status": "failed", "error": f"worker process failed: {type(exc).__name__}: {exc}",
+                    "wall_time_s": None}
+
+
+class ProcessCells(CellExecutor):
+    """Cells in worker processes of this machine (``--jobs N``)."""
+
+    def __init__(self, pool: Any, capacity: int, root: str, plugins: list[str], terminated: "Terminated"):
+        self.pool, self.capacity, self.root, self.plugins, self.terminated = pool, capacity, root, plugins, terminated
+
+    def submit(self, cell: Cell) -> Future:
+        # Workers run quietly: several progress bars would interleave.
+        return self.pool.submit(run_cell, cell, self.root, "off", self.plugins)
+
+    def interrupt(self, running: list[Future]) -> None:
+        if self.terminated.received:  # Ctrl-C reached the workers too; SIGTERM came to this process
+            for worker in list(getattr(self.pool, "_processes", {}).values()):
+                worker.terminate()  # SIGTERM: a training cell checkpoints and stops
+
+
+def teachers_first(todo: list[Cell], plugins: list[str]) -> tuple[list[Cell], dict[int, Path | None]]:
+    """The cells in the order to start them, and the cached-teacher file each would fine-tune.
+
+    One cell per uncached teacher goes first and fine-tunes it; cells that need a teacher still
+    being fine-tuned wait for it, and cells that do not fill the free processes meanwhile.
+    """
+    from kdframe.plugins import load_plugins
+
+    host = load_plugins(plugins)
+    teachers = {id(c): _teacher_to_cache(c, host) for c in todo}
+    first: dict[Path, Cell] = {}
+    for cell in todo:
+        target = teachers[id(cell)]
+        if target is not None and not target.exists():
+            first.setdefault(target, cell)
+    order = list(first.values()) + [c for c in todo if all(c is not f for f in first.values())]
+    return order, teachers
 
 
 def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progress: str,
-                 plugins: list[str], shard: str | None = None) -> int:
-    """Run every cell not done yet, then write the report; exit code 1 if any cell failed."""
+                 plugins: list[str], shard: str | None = None, on: str = "local",
+                 ray_address: str | None = None) -> int:
+    """Run every cell not done yet (in this machine's processes, or ``on="ray"`` as tasks of a Ray
+    cluster), then write the report; exit code 1 if any cell failed."""
     from rich.console import Console
 
     from kdframe.report import write_report
 
     if jobs < 1:
         raise KdframeError(f"--jobs {jobs}: must be at least 1")
+    if on == "ray" and jobs != 1:
+        raise KdframeError("--jobs is for --on local; on Ray each cell asks for the grid's [resources] and runs"
+                           " wherever the cluster has them")
+    if on != "ray" and ray_address:
+        raise KdframeError("--ray-address needs --on ray")
     index, count = parse_shard(shard)
     path = Path(grid_path)
     grid = load_grid(path)
     cells = [c for i, c in enumerate(grid_cells(grid, path.resolve().parent)) if i % count == index]
     root = Path(out) if out else Path("runs") / f"ablation-{grid.name}"
+    cluster = _join_ray(ray_address, root, grid, cells) if on == "ray" else None
     header = {"grid": str(path.resolve()), "name": grid.name, "shard": shard}
     state = State.open(root, state_file_name(shard), resume, header, cells)
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per event, also in log files
     ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
     todo = [c for c in state.cells if c["status"] != "done"]
-    ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run, in {root.resolve()}")
+    where = f" on Ray ({_cluster_size(cluster)})" if cluster else ""
+    ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run{where}, in {root.resolve()}")
     previous = signal.signal(signal.SIGTERM, ablation.terminated)
     try:
-        finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
+        if cluster is not None:
+            finished = ablation.run_ray(cluster, grid, todo)
+        else:
+            finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not finished:
         again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
-                 *(["--shard", shard] if shard else [])]
+                 *(["--shard", shard] if shard else []), *(["--on", "ray"] if cluster else []),
+                 *(["--ray-address", ray_address] if ray_address else [])]
         code = ablation.terminated.exit_code if ablation.terminated.received else ablation.exit_code
         raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}", code)
     for written in write_report(root):

@@ -65,6 +65,9 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     ablate.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     ablate.add_argument("--progress", choices=["rich", "plain", "off", "auto"], default="auto")
     ablate.add_argument("--shard", metavar="I/N", help="run only the cells whose index %% N == I (one machine's share)")
+    ablate.add_argument("--on", choices=["local", "ray"], default="local",
+                        help="where cells run: this machine's processes, or tasks on a Ray cluster (kdframe[ray])")
+    ablate.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
     _common(ablate, overrides=False)
 
     report = sub.add_parser("report", help="tables and plots for a run or ablation directory")
@@ -272,7 +275,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from kdframe.ablate import run_ablation
 
-    return run_ablation(args.grid, args.out, args.resume, args.jobs, args.progress, args.plugins, args.shard)
+    return run_ablation(args.grid, args.out, args.resume, args.jobs, args.progress, args.plugins, args.shard,
+                        args.on, args.ray_address)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from kdframe.errors import KdframeError, RecipeError
-from kdframe.recipe import PLAIN_NAME, read_toml, structure
+from kdframe.recipe import PLAIN_NAME, bounded, read_toml, structure
 
 STATE = "ablation.json"
 
@@ -21,9 +21,30 @@ Cell = dict[str, Any]  # as stored in the state file: definition + status
 
 
 @attrs.frozen
+class Resources:
+    """What one cell asks of a Ray cluster (``--on ray``); the local executor runs one cell per
+    process whatever they say. Unset keys of a variant's table take the grid's."""
+
+    cpus: float | None = bounded(None, gt=0)  # CPU cores (and the cell's torch threads); grid default 1
+    gpus: float | None = bounded(None, ge=0)  # GPUs; grid default 0
+    memory_gb: float | None = bounded(None, ge=0)  # memory Ray reserves for the cell, in GiB; 0 (default): none reserved
+    max_retries: int | None = bounded(None, ge=0)  # times a cell is run again when its worker process or node dies; grid default 3
+
+    def over(self, base: "Resources") -> "Resources":
+        """These values where set, else ``base``'s."""
+        return Resources(**{f.name: base_value if (value := getattr(self, f.name)) is None else value
+                            for f, base_value in zip(attrs.fields(Resources), attrs.astuple(base))})
+
+
+#: A grid's resources where its file does not set them.
+DEFAULT_RESOURCES = Resources(cpus=1, gpus=0, memory_gb=0, max_retries=3)
+
+
+@attrs.frozen
 class Variant:
     recipe: str = ""  # a recipe file used instead of the grid's base
     set: list[str] = attrs.Factory(list)
+    resources: Resources = Resources()  # this variant's cells' requests on Ray (unset keys: the grid's)
 
 
 @attrs.frozen
@@ -40,6 +61,10 @@ class Grid:
     name: str = "ablation"
     set: list[str] = attrs.Factory(list)
     tasks_set: dict[str, list[str]] = attrs.Factory(dict)
+    resources: Resources = Resources()  # every cell's requests on Ray (unset keys: DEFAULT_RESOURCES)
+
+    def resources_of(self, cell: Cell) -> Resources:
+        return self.variants[cell["variant"]].resources.over(self.resources.over(DEFAULT_RESOURCES))
 
 
 # -- the grid -----------------------------------------------------------------------------------

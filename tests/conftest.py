@@ -51,6 +51,26 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_env(tmp_path_factory):
+    """The environment of a CLI subprocess started by a session-scoped fixture, which runs before
+    the autouse cache fixture: the session's cache explicitly, and one thread (tiny models run
+    several times faster than with threads fighting over shared cores)."""
+    return {"KDFRAME_CACHE": str(tmp_path_factory.getbasetemp() / "kdframe-cache"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def smoke_ablation(tmp_path_factory):
+    """recipes/ablation_smoke.toml run by the local executor: (the CLI's result, the ablation dir)."""
+    import time
+
+    out = tmp_path_factory.mktemp("ablation") / "smoke"
+    started = time.monotonic()
+    result = run_cli("ablate", str(ROOT / "recipes" / "ablation_smoke.toml"), "--out", str(out), "--progress", "plain",
+                     env=cli_env(tmp_path_factory))
+    print(f"smoke grid: {time.monotonic() - started:.1f}s")
+    return result, out
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Call the kdframe CLI in-process (fast); returns returncode, stdout and stderr."""

@@ -10,16 +10,10 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, run_cli
+from conftest import FIXTURES, ROOT, cli_env, run_cli
 from kdframe.cli import main
 
 RECIPES = ROOT / "recipes"
-
-
-def cli_env(tmp_path_factory):
-    # Module fixtures run before the autouse cache fixture: pass the session's cache explicitly.
-    # One thread: tiny models run several times faster than with threads fighting over shared cores.
-    return {"KDFRAME_CACHE": str(tmp_path_factory.getbasetemp() / "kdframe-cache"), "OMP_NUM_THREADS": "1"}
 
 
 def write_grid(path, variants, seeds=(1, 2)):
@@ -34,16 +28,6 @@ def write_grid(path, variants, seeds=(1, 2)):
 
 def state_of(out):
     return json.loads((out / "ablation.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def smoke_ablation(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ablation") / "smoke"
-    started = time.monotonic()
-    result = run_cli("ablate", str(RECIPES / "ablation_smoke.toml"), "--out", str(out), "--progress", "plain",
-                     env=cli_env(tmp_path_factory))
-    print(f"smoke grid: {time.monotonic() - started:.1f}s")
-    return result, out
 
 
 def test_smoke_grid_runs_every_cell_and_reports(smoke_ablation):
@@ -206,7 +190,7 @@ def test_parallel_cells_wait_only_for_their_own_teacher(tmp_path, monkeypatch):
     state = ablate.State(tmp_path, "ablation.json", {"cells": cells})
     runner = ablate.Ablation(state, "off", [], lambda text: None)
     with ThreadPoolExecutor(2) as pool:
-        assert runner._drain(pool, cells, 2, teachers)
+        assert runner._drain(ablate.ProcessCells(pool, 2, str(tmp_path), [], runner.terminated), cells, teachers)
     assert {c["status"] for c in cells} == {"done"}
     starts = {e[1]: (i, e[2]) for i, e in enumerate(events) if e[0] == "start"}
     assert starts["b1"][0] < events.index(("end", "a1"))  # no idle process during the fine-tune
@@ -244,7 +228,9 @@ def test_parallel_ablation_prints_the_running_cells_progress(tmp_path, monkeypat
     monkeypatch.setattr(ablate, "run_cell", fake_run_cell)
     runner = ablate.Ablation(ablate.State(tmp_path, "ablation.json", {"cells": [cell]}), "plain", [], say)
     with ThreadPoolExecutor(1) as pool:
-        assert runner._drain(pool, [cell], 1, {id(cell): None})
+        assert runner._drain(ablate.ProcessCells(pool, 1, str(tmp_path), [], runner.terminated), [cell],
+                             {id(cell): None})
+    assert "0/1 cells done, 1 running, 0 waiting, 0 failed" in lines  # the tally before each cell's line
     progress_lines = [line for line in lines if "step " in line]
     assert progress_lines and "\\[distil] step 10/10 loss 0.2500" in progress_lines[-1]
     assert not any("step 3/10" in line for line in lines)

@@ -10,6 +10,7 @@ must write one set of files.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -61,22 +62,60 @@ def assert_close_records(got, want, where):
                 assert a[key] == value, f"{where}: {key}"
 
 
-def test_two_processes_train_what_one_process_trains(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    # own teacher caches, so that both runs fine-tune the teacher (that stage runs data parallel too)
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The recipe run in one process: the run directory every launch must reproduce."""
+    one = tmp_path_factory.mktemp("one") / "run"
+    # an own teacher cache, so that the run fine-tunes the teacher (that stage runs data parallel too)
     single = run_cli("run", SMOKE, "--out", str(one), "--progress", "off", *set_args(),
-                     env={"KDFRAME_CACHE": str(tmp_path / "cache-one"), "OMP_NUM_THREADS": "1"})
+                     env={"KDFRAME_CACHE": str(one.parent / "cache"), "OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
+    return one
+
+
+def test_two_processes_train_what_one_process_trains(one_process, tmp_path):
+    one, two = one_process, tmp_path / "two"
     double = launch("run", SMOKE, "--out", str(two), "--progress", "plain", *set_args(),
                     env={"KDFRAME_CACHE": str(tmp_path / "cache-two")})
     assert double.returncode == 0, double.stderr
+    assert_same_run(two, one)
+    assert double.stderr.count("[distil] done") == 1
 
+
+def test_two_nodes_of_one_process_train_what_one_process_trains(one_process, tmp_path):
+    """A multi-node launch as users start one (docs/guide.md): one torchrun per node, ``--nnodes 2``,
+    each with its ``--node-rank`` and the master's address; here both nodes are this machine, and
+    ``--out`` and the cache are the shared storage they need."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES), OMP_NUM_THREADS="1", KDFRAME_CACHE=str(tmp_path / "cache"))
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "kdframe.cli", "run", SMOKE, "--out", str(tmp_path / "run"), "--progress", "plain",
+                               *set_args()], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert outputs[0][1].count("[distil] done") == 1 and "[distil] done" not in outputs[1][1]  # node 1 is quiet
+    assert_same_run(tmp_path / "run", one_process)
+
+
+def assert_same_run(two, one):
+    """Run directory ``two`` (several processes) holds what ``one`` (one process) holds."""
     # one set of files, written once: the same names, no duplicated log lines, one progress stream
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     for name in ("metrics.jsonl", "layer_weights.jsonl"):
         lines = (two / name).read_text().splitlines()
         assert len(lines) == len(set(lines)) == len((one / name).read_text().splitlines()), name
-    assert double.stderr.count("[distil] done") == 1
     assert (two / "recipe.resolved.toml").read_text() == (one / "recipe.resolved.toml").read_text()
 
     for name in ("teacher.pt", "student.pt"):
