@@ -117,6 +117,17 @@ class ModelSpec:
 
 
 @attrs.frozen
+class StudentSpec(ModelSpec):
+    """Where the student comes from, as for the teacher (``init``, ``model``...), and how a new
+    regression head starts. A newly initialised output layer has bias 0, so the student first
+    predicts about 0, far from labels such as STS-B's 0-5 scale; ``head_bias = "label-mean"`` sets
+    that bias to the training labels' mean, so training starts from the best constant prediction.
+    A head that came trained (a fine-tuned model) is left as it is."""
+
+    head_bias: Literal["label-mean", "as-loaded"] = "label-mean"  # a new regression head's bias: the training labels' mean, or as the model loader made it (0)
+
+
+@attrs.frozen
 class TeacherSpec(ModelSpec):
     """The teacher, fine-tuned on the task by ``train`` (omit ``train`` for a finished one)."""
 
@@ -172,7 +183,7 @@ class TrackingSpec:
 class Recipe:
     data: DataSpec  # the task and its data
     teacher: TeacherSpec  # the model distilled from
-    student: ModelSpec  # the model trained
+    student: StudentSpec  # the model trained
     stages: list[Stage]  # the student's training stages, in order
     name: str = "run"  # names the run directory (runs/NAME-TIME) and reports
     seed: int = bounded(42, ge=0, le=MAX_SEED)  # the student's seed: initialisation, dropout, data order

@@ -73,7 +73,24 @@ def prepare(source: RecipeSource, overrides: list[str] = (), plugin_args: list[s
         check_writable(Path(cache_dir), "the data is read and tokenised into it")
         session.train = host.load_data(recipe.data, task, "train", session.student.tokenizer, cache_dir)
         session.dev = host.load_data(recipe.data, task, "dev", session.student.tokenizer, cache_dir)
+        start_regression_head(session)
     return session
+
+
+def start_regression_head(session: Session) -> None:
+    """``student.head_bias = "label-mean"``: a new regression head predicts the training labels'
+    mean from the first step (its weights stay small and random), instead of 0."""
+    import pyarrow.compute as pc
+    import torch
+
+    head = session.student.fresh_head
+    if not session.task.is_regression or session.recipe.student.head_bias != "label-mean" or head is None \
+            or head.bias is None or not len(session.train):
+        return
+    mean = pc.mean(session.train.table.column("labels")).as_py()
+    with torch.no_grad():
+        head.bias.fill_(mean)
+    session.student.description += f"; regression head's bias at the training labels' mean ({mean:.4g})"
 
 
 def _cuda_available() -> bool:

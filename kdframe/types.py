@@ -142,6 +142,9 @@ class LoadedModel:
     max_length: int | None = None  # the longest input in tokens it takes (position embeddings); None: no limit
     # What a model card says of it, as its loader knows: license, base_model (a hub id), library_name.
     card: dict[str, str] = attrs.Factory(dict)
+    # The task head's output layer when the loader initialised it anew (no trained head came with
+    # the weights); None for a trained head. On regression tasks its bias is set from the labels.
+    fresh_head: torch.nn.Linear | None = None
 
 
 @attrs.frozen

@@ -95,6 +95,10 @@ def _pretrained(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | Non
     # goes into the description instead of transformers' warning.
     missing = sorted(info["missing_keys"])
     loaded = _loaded(model, tokenizer, f"pretrained {source}", f"; newly initialised: {', '.join(missing)}" if missing else "")
+    head = output_layer(model)
+    head_name = next((name for name, module in model.named_modules() if module is head), None)
+    if head_name is not None and {f"{head_name}.weight", f"{head_name}.bias"} & set(missing):
+        loaded.fresh_head = head
     loaded.card.update(card_facts(source))
     return loaded
 
@@ -144,7 +148,9 @@ def _from_config(role: str, spec: Any, task: TaskInfo, teacher: LoadedModel | No
         model = AutoModelForSequenceClassification.from_config(config)
     except Exception as exc:  # type checks of the config and shape checks of the model
         raise ModelError(f"{role}.config: cannot build a {base.model_type} model: {exc}") from exc
-    return _loaded(model, tokenizer, "random init from config", "")
+    loaded = _loaded(model, tokenizer, "random init from config", "")
+    loaded.fresh_head = output_layer(model)
+    return loaded
 
 
 def _default_config(role: str, family: str) -> PreTrainedConfig:
@@ -192,7 +198,18 @@ def _from_teacher_layers(role: str, spec: Any, teacher: LoadedModel, base_dir: s
     loaded = _loaded(model, _tokenizer(role, spec, teacher, base_dir, cache_dir),
                      f"teacher layers {layers} (0-indexed, embeddings and classifier copied{note})", "")
     loaded.card.update({k: v for k, v in teacher.card.items() if k in ("license", "base_model")})
+    if teacher.fresh_head is not None:  # copied before the teacher is fine-tuned: as new as the teacher's
+        loaded.fresh_head = output_layer(model)
     return loaded
+
+
+def output_layer(model: PreTrainedModel) -> nn.Linear | None:
+    """The task head's last linear layer (the one giving the logits): found by structure, as every
+    family names it differently (BERT ``classifier``, RoBERTa ``classifier.out_proj``...)."""
+    encoder = {id(module) for module in model.base_model.modules()}
+    outputs = [module for module in model.modules() if isinstance(module, nn.Linear) and id(module) not in encoder
+               and module.out_features == model.config.num_labels]
+    return outputs[-1] if outputs else None
 
 
 def keep_layers(model: PreTrainedModel, layers: list[int]) -> str:
