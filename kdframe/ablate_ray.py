@@ -29,6 +29,7 @@ INSTALL = "pip install 'kdframe[ray]'"
 PROBE = ".kdframe-storage-probe-"
 GIB = 2**30
 ORPHAN_POLL_S = 1.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def import_ray() -> Any:
@@ -50,14 +51,31 @@ def connect(address: str | None, cache: Path) -> Any:
     ray = import_ray()
     env = {key: value for key, value in os.environ.items() if key.startswith("KDFRAME_")}
     env["KDFRAME_CACHE"] = str(cache)
-    where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+    given = address or os.environ.get("RAY_ADDRESS")
+    where = given or "a new local cluster"
+    if given:
+        _check_reachable(given)
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
-    except Exception as exc:  # whatever Ray raises for a cluster it cannot reach or start
+    except (Exception, SystemExit) as exc:  # whatever Ray raises (or exits with) for a cluster it cannot reach or start
         raise KdframeError(f"cannot connect to the Ray cluster at {where}: {type(exc).__name__}: "
                            f"{' '.join(str(exc).split())}") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """One line in seconds for a ``HOST:PORT`` (or ``ray://HOST:PORT``) nobody answers at, where
+    Ray would retry for minutes and then exit the process."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray resolves them
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise KdframeError(f"cannot connect to the Ray cluster at {address}: {exc.strerror or exc}; start it with"
+                           " `ray start --head` on its head node, or leave out --ray-address and RAY_ADDRESS"
+                           " to start one on this machine") from None
 
 
 def probe_storage(dirs: list[str], token: str) -> str | None:

@@ -5,6 +5,7 @@ kills and Ctrl-C and ends as one uninterrupted run."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,6 +194,11 @@ def test_bad_ray_invocations_are_refused_before_anything_is_written(tmp_path, ca
     assert "--jobs is for --on local" in capsys.readouterr().err
     assert main(["ablate", str(grid), "--out", str(out), "--ray-address", "10.0.0.1:6379"]) == 2
     assert "--ray-address needs --on ray" in capsys.readouterr().err
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert main(["ablate", str(grid), "--out", str(out), "--on", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    assert f"cannot connect to the Ray cluster at 127.0.0.1:{port}: Connection refused" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["ablate", str(grid), "--out", str(out), "--on", "ray"]) == 2
     assert "pip install 'kdframe[ray]'" in capsys.readouterr().err
