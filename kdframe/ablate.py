@@ -66,7 +66,7 @@ from typing import Any, Callable
 
 from kdframe.checkpoint import has_checkpoint
 from kdframe.errors import Interrupted, KdframeError, RunFailed
-from kdframe.grid import STATE, Cell, cell_label, grid_cells, load_grid, parse_shard, state_file_name
+from kdframe.grid import STATE, Cell, Grid, cell_label, grid_cells, load_grid, parse_shard, state_file_name
 from kdframe.invocation import kdframe_command
 from kdframe.plugins import PluginHost
 from kdframe.rundir import CHECKPOINT, PROGRESS, SUMMARY, RunDir
@@ -281,7 +281,7 @@ class Ablation:
             return self._drain(ProcessCells(pool, jobs, str(self.state.root), self.plugins, self.terminated),
                                order, teachers)
 
-    def run_ray(self, ray: Any, grid: Any, todo: list[Cell]) -> bool:
+    def run_ray(self, ray: Any, grid: Grid, todo: list[Cell]) -> bool:
         from kdframe.ablate_ray import RayCells
 
         order, teachers = teachers_first(todo, self.plugins)
@@ -347,7 +347,7 @@ class Ablation:
         return line
 
 
-def _join_ray(address: str | None, root: Path, grid: Any, cells: list[Cell]) -> Any:
+def _join_ray(address: str | None, root: Path, grid: Grid, cells: list[Cell]) -> Any:
     """Connect to the cluster and check that it can run every cell and that every node shares
     ``root`` and the cache with this driver, before the ablation directory holds anything (a
     failed check removes what it made)."""

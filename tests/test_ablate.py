@@ -234,3 +234,17 @@ def test_parallel_ablation_prints_the_running_cells_progress(tmp_path, monkeypat
     progress_lines = [line for line in lines if "step " in line]
     assert progress_lines and "\\[distil] step 10/10 loss 0.2500" in progress_lines[-1]
     assert not any("step 3/10" in line for line in lines)
+
+
+def test_the_tally_counts_cells_and_projects_the_time_left(tmp_path):
+    from kdframe import ablate
+
+    cells = [{"task": "t", "variant": v, "seed": 1, "status": status, "wall_time_s": wall}
+             for v, status, wall in (("a", "done", 60.0), ("b", "done", 180.0), ("c", "failed", 5.0),
+                                     ("d", "running", None), ("e", "running", None), ("f", "pending", None))]
+    runner = ablate.Ablation(ablate.State(tmp_path, "ablation.json", {"cells": cells}), "plain", [], print)
+    # 3 cells left at 2 min each (the done cells' mean), 2 at a time: 3 min
+    assert runner.tally(2, 1) == "2/6 cells done, 2 running, 1 waiting, 1 failed; ~3 min left at 2.0 min per cell"
+    for cell in cells[:2]:
+        cell["status"] = "pending"
+    assert runner.tally(2, 1) == "0/6 cells done, 2 running, 1 waiting, 1 failed"  # no pace yet
