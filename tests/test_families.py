@@ -154,3 +154,18 @@ def test_a_family_without_attention_capture_runs_what_needs_none(tmp_path, monke
     assert "stages[0].losses.att: 'att' reads attention scores, which the teacher does not give" in refused.stderr
     assert "mpnet, 4 layers" in refused.stderr and "terms that work with these models: " in refused.stderr
     assert "hid" in refused.stderr.split("terms that work with these models: ")[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fresh_head_is_the_layer_that_gives_the_logits(family):
+    """``fresh_head`` (whose bias ``student.head_bias`` sets) is found by structure: moving its bias
+    moves every logit by the same amount, in each family's head."""
+    loaded = tiny(family)
+    model = loaded.model.eval()
+    assert loaded.fresh_head is not None and loaded.fresh_head.out_features == TASK.num_labels
+    inputs = {k: v for k, v in batch(loaded).items() if k != "token_type_ids"}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        loaded.fresh_head.bias += 2.5
+        after = model(**inputs).logits
+    torch.testing.assert_close(after - before, torch.full_like(before, 2.5), atol=1e-5, rtol=0)
