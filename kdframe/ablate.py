@@ -58,6 +58,7 @@ import os
 import shlex
 import shutil
 import signal
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -72,6 +73,9 @@ from kdframe.plugins import PluginHost
 from kdframe.rundir import CHECKPOINT, PROGRESS, SUMMARY, RunDir
 
 PROGRESS_EVERY_S = 60.0  # with --jobs: how often the parent prints the running cells' progress
+ORPHAN_POLL_S = 1.0  # how often a worker checks that the process that started it is alive
+ORPHAN_WATCH = "kdframe-orphan-watch"
+_in_cell = threading.Event()  # set while run_cell runs in this process
 
 
 # -- the state file -----------------------------------------------------------------------------
@@ -141,6 +145,7 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
     run_dir = Path(root) / cell["dir"]
     started = time.monotonic()
     resume = None
+    _in_cell.set()
     try:
         if (run_dir / SUMMARY).is_file():  # finished, but killed before the state file said so
             summary = json.loads((run_dir / SUMMARY).read_text())
@@ -160,6 +165,8 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
         traceback.print_exc()
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                 "wall_time_s": round(time.monotonic() - started, 2)}
+    finally:
+        _in_cell.clear()
     metric = summary["main_metric"]
     student = summary["student"]
     return {"status": "done", "error": None, "wall_time_s": round(time.monotonic() - started, 2),
@@ -204,6 +211,31 @@ def _init_worker(threads: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    stop_when_orphaned()
+
+
+def stop_when_orphaned() -> None:
+    """End this worker once the process that started it is gone, its cell (if any) stopped with a
+    checkpoint first (SIGTERM to itself).
+
+    A killed ablation (SIGKILL, a lost terminal) does not take its workers with it; they would go
+    on training their cells and writing their directories beside the cells a ``--resume`` starts,
+    or wait for work forever.
+    """
+    if any(thread.name == ORPHAN_WATCH for thread in threading.enumerate()):
+        return  # a reused worker (Ray's) is watched already
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        if _in_cell.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # the cell's trainer checkpoints and stops
+            while _in_cell.is_set():
+                time.sleep(ORPHAN_POLL_S)
+        os._exit(128 + signal.SIGTERM)  # nobody is left to hand a result to
+
+    threading.Thread(target=watch, name=ORPHAN_WATCH, daemon=True).start()
 
 
 class Terminated:

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
-import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from kdframe.ablate import CellExecutor, run_cell
+from kdframe.ablate import CellExecutor, run_cell, stop_when_orphaned
 from kdframe.errors import KdframeError
 from kdframe.grid import Cell, Grid
 
 INSTALL = "pip install 'kdframe[ray]'"
 PROBE = ".kdframe-storage-probe-"
 GIB = 2**30
-ORPHAN_POLL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -123,24 +119,13 @@ def check_storage(ray: Any, dirs: list[Path]) -> None:
 
 
 def ray_cell(cell: Cell, root: str, plugins: list[str], threads: int) -> dict[str, Any]:
-    """A cell on a Ray worker: ``run_cell`` with the cell's threads, quiet, and where it ran."""
+    """A cell on a Ray worker: ``run_cell`` with the cell's threads, quiet, stopped with a
+    checkpoint if its node's raylet dies, and where it ran."""
     import torch
 
     torch.set_num_threads(threads)
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    stop_when_orphaned()  # a worker's parent is its node's raylet
     return {**run_cell(cell, root, "off", plugins), "node": socket.gethostname()}
-
-
-def _stop_when_orphaned(raylet: int) -> None:
-    """SIGTERM this worker (its cell checkpoints and stops) once its raylet is gone.
-
-    A worker is a child of its node's raylet, in a process group of its own: when the raylet dies
-    (a killed local cluster, a node shutting down) nothing else stops it, and it would go on
-    writing its cell's directory beside the attempt that ``--resume`` or Ray's retry starts.
-    """
-    while os.getppid() == raylet:
-        time.sleep(ORPHAN_POLL_S)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_fit(ray: Any, grid: Grid, cells: list[Cell]) -> None:

@@ -1,5 +1,6 @@
 """kdframe ablate on tiny models: the smoke grid, teacher reuse, kill and resume, failed cells, grid errors."""
 
+import contextlib
 import csv
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +250,42 @@ def test_the_tally_counts_cells_and_projects_the_time_left(tmp_path):
     for cell in cells[:2]:
         cell["status"] = "pending"
     assert runner.tally(2, 1) == "0/6 cells done, 2 running, 1 waiting, 1 failed"  # no pace yet
+
+
+def test_workers_of_a_killed_ablation_checkpoint_and_stop(tmp_path, tmp_path_factory):
+    """SIGKILL to the ablation alone (not its group): its --jobs workers notice, checkpoint their
+    cells and exit, instead of training on beside a --resume."""
+    grid = write_grid(tmp_path / "grid.toml", {"emd": ['set = ["stages[0].epochs=30"]']}, seeds=[1])
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
+    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
+                                "--jobs", "2", "--progress", "off"], cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "cells" / "mrpc" / "emd" / "seed1" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and not checkpoint.exists():
+            time.sleep(0.05)
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == process.pid]
+        assert workers and checkpoint.exists()
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left of it: the expected case
+            os.killpg(process.pid, signal.SIGKILL)
+    run = checkpoint.parent
+    assert not (run / "summary.json").exists()  # stopped, not trained to the end
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r.get("stage") == "distil"]
+    assert steps and max(steps) < 30 * 4  # 64 examples / 16 per batch = 4 steps per epoch
+
+
+def _parent(proc):
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

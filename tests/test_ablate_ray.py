@@ -221,3 +221,20 @@ def test_grid_resources_are_checked_and_merged(tmp_path, capsys):
     path.write_text(path.read_text().replace("cpus = 0", "retries = 1"))
     assert main(["ablate", str(path)]) == 2
     assert "unknown key 'retries'; allowed: cpus, gpus, memory_gb, max_retries" in capsys.readouterr().err
+
+
+def test_cells_no_cluster_can_hold_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from kdframe.ablate_ray import check_fit
+    from kdframe.errors import KdframeError
+    from kdframe.grid import grid_cells, load_grid
+
+    path = tmp_path / "grid.toml"
+    path.write_text(f'base = "{RECIPES / "smoke" / "emd.toml"}"\n[axes]\ntasks = ["mrpc"]\nseeds = [1]\n'
+                    '[variants.a]\n[variants.b]\nresources = { gpus = 1 }\n')
+    grid = load_grid(path)
+    cells = grid_cells(grid, tmp_path)
+    check_fit(SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0, "GPU": 1.0}), grid, cells)
+    with pytest.raises(KdframeError, match="cells ask for 1 CPUs and 1 GPUs, but the Ray cluster has 2 CPUs and 0 GPUs"):
+        check_fit(SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}), grid, cells)
