@@ -169,3 +169,27 @@ def test_the_fresh_head_is_the_layer_that_gives_the_logits(family):
         loaded.fresh_head.bias += 2.5
         after = model(**inputs).logits
     torch.testing.assert_close(after - before, torch.full_like(before, 2.5), atol=1e-5, rtol=0)
+
+
+def test_real_keys_keep_their_scores_however_negative():
+    """Masked keys are zeroed by the mask, not by their value: a real key whose score is far below
+    the mask threshold keeps it (scores recomputed from layer 0's own query and key)."""
+    from kdframe_hf.capture import MASKED, extract_features
+
+    loaded = tiny("bert")
+    model = loaded.model.eval()
+    attention = model.bert.encoder.layer[0].attention.self
+    with torch.no_grad():
+        attention.query.weight.mul_(300.0)  # scores of hundreds, of both signs
+        attention.key.weight.mul_(10.0)
+        b = batch(loaded)
+        got = extract_features(model, b, frozenset({"hidden", "attn"}))
+        h = got.hidden[0]
+        heads, d = 4, 32 // 4
+        q = attention.query(h).view(3, 12, heads, d).transpose(1, 2)
+        k = attention.key(h).view(3, 12, heads, d).transpose(1, 2)
+        want = q @ k.transpose(2, 3) / d**0.5
+    real_keys = b["attention_mask"][:, None, None, :].bool().expand_as(want)
+    assert (want[real_keys] <= MASKED).any()  # the case this test is about
+    torch.testing.assert_close(got.attn[0][real_keys], want[real_keys], rtol=1e-5, atol=1e-3)
+    assert (got.attn[0][~real_keys] == 0).all()

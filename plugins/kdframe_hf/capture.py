@@ -56,11 +56,18 @@ def capture_attention(
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
+        # In place (the product's own buffer, which no backward saves) when the dtypes agree;
+        # under autocast the bf16 product is promoted to the fp32 mask's dtype, as eager attention does.
+        scores = scores.add_(attention_mask) if scores.dtype == attention_mask.dtype else scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1)
     recorded = _scores.get()
     if recorded is not None:
-        recorded.append(scores if attention_mask is None else _masked_to_zero(scores))
-    weights = nn.functional.softmax(scores, dim=-1)
+        if attention_mask is not None:
+            # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md
+            # 8.1). In place, after the softmax has read the scores (its backward needs its output,
+            # not its input); the recorded tensor keeps its graph for the attention loss.
+            scores.masked_fill_(attention_mask <= MASKED, 0.0)
+        recorded.append(scores)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
