@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from kdframe.ablate import CellExecutor, run_cell, stop_when_orphaned
+from kdframe.cells import CellExecutor, run_cell, stop_when_orphaned
 from kdframe.errors import KdframeError
 from kdframe.grid import Cell, Grid
 
