@@ -326,11 +326,11 @@ def _join_ray(address: str | None, root: Path, grid: Grid, cells: list[Cell]) ->
         for directory in (root, cache):
             directory.mkdir(parents=True, exist_ok=True)
         check_storage(ray, [root.resolve(), cache])
-    except OSError as exc:
-        raise KdframeError(f"cannot create {exc.filename}: {exc.strerror}") from None
-    except BaseException:
+    except BaseException as exc:
         for directory in made:
             shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise KdframeError(f"cannot write {exc.filename}: {exc.strerror}") from None
         raise
     return ray
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,9 @@ def probe_storage(dirs: list[str], token: str) -> str | None:
             seen = False
         if not seen:
             return f"does not see the driver's {directory} (not on storage shared with the driver)"
-        mine = Path(directory) / f"{PROBE}{token}-{socket.gethostname()}-{os.getpid()}"
         try:
-            mine.write_text(token)
-            mine.unlink()
+            with tempfile.TemporaryFile(dir=directory):
+                pass
         except OSError as exc:
             return f"cannot write {directory}: {exc.strerror or exc}"
     return None
