@@ -6,6 +6,7 @@ the export reloads without kdframe. And what a family cannot give is refused at 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -52,30 +53,44 @@ def batch(loaded, rows=3, length=12):
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+#: The query (and key) projections' weights of every family, and in ModernBERT the fused one.
+PROJECTIONS = re.compile(r"\.(query|q|q_lin|query_proj|key|k|k_lin|key_proj|Wqkv)\.weight$")
+
+
+@pytest.mark.parametrize("scale", ["plain", "far-below-the-mask-threshold"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_captured_scores_are_the_models_own(family):
+def test_captured_scores_are_the_models_own(family, scale):
     """softmax(captured scores) = the family's eager attention probabilities on every attended
     key (probability 0: a key the model masks, padding or outside a local window); the logits
-    equal a forward without capture."""
-    from kdframe_hf.capture import extract_features
+    equal a forward without capture. Masked keys are zeroed by the mask, not by their score: with
+    projections scaled up, real keys score far below the mask threshold and keep those scores."""
+    from kdframe_hf.capture import MASKED, extract_features
 
     loaded = tiny(family)
     model = loaded.model.eval()
     assert loaded.features == frozenset({"logits", "hidden", "attn"})
     b = batch(loaded)
     with torch.no_grad():
+        if scale != "plain":
+            projections = [p for name, p in model.named_parameters() if PROJECTIONS.search(name)]
+            assert projections, family
+            for weight in projections:
+                weight.mul_(150.0)
         plain = extract_features(model, b, frozenset()).logits
         got = extract_features(model, b, frozenset({"hidden", "attn"}))
         model.config._attn_implementation = "eager"
         inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
         eager = model(**inputs, output_attentions=True)
-    torch.testing.assert_close(got.logits, plain, atol=1e-6, rtol=0)
+    # Scaled scores: the capture's eager attention and the model's sdpa round differently.
+    torch.testing.assert_close(got.logits, plain, atol=1e-6 if scale == "plain" else 1e-5, rtol=0)
     assert len(got.attn) == len(eager.attentions) == 4 and len(got.hidden) == 5
     for layer, (scores, probs) in enumerate(zip(got.attn, eager.attentions)):
         assert scores.shape == probs.shape == (3, 4, 12, 12), layer
         again = torch.softmax(scores.masked_fill(probs == 0, float("-inf")), -1)
         torch.testing.assert_close(again, probs, atol=1e-6, rtol=0, msg=f"{family} layer {layer}")
         assert (scores.masked_select(b["attention_mask"][:, None, None, :] == 0) == 0).all()  # masked keys zeroed
+    if scale != "plain":  # the case this parametrisation is about
+        assert any((scores.masked_select(probs > 0) <= MASKED).any() for scores, probs in zip(got.attn, eager.attentions))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -156,6 +171,18 @@ def test_a_family_without_attention_capture_runs_what_needs_none(tmp_path, monke
     assert "hid" in refused.stderr.split("terms that work with these models: ")[1]
 
 
+def test_a_capture_adapter_needs_the_mask_its_modules_are_given():
+    """softmax_capture zeroes masked keys by the module's mask argument: an adapter naming one the
+    modules do not take is refused before any forward, naming the class and the argument."""
+    from kdframe.api import ModelError
+    from kdframe_hf.capture import softmax_capture
+
+    model = tiny("bert").model
+    with pytest.raises(ModelError, match=r"BertSelfAttention.forward has no 'mask' argument"):
+        with softmax_capture("BertSelfAttention", mask_argument="mask")(model):
+            pass
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fresh_head_is_the_layer_that_gives_the_logits(family):
     """``fresh_head`` (whose bias ``student.head_bias`` sets) is found by structure: moving its bias
@@ -169,27 +196,3 @@ def test_the_fresh_head_is_the_layer_that_gives_the_logits(family):
         loaded.fresh_head.bias += 2.5
         after = model(**inputs).logits
     torch.testing.assert_close(after - before, torch.full_like(before, 2.5), atol=1e-5, rtol=0)
-
-
-def test_real_keys_keep_their_scores_however_negative():
-    """Masked keys are zeroed by the mask, not by their value: a real key whose score is far below
-    the mask threshold keeps it (scores recomputed from layer 0's own query and key)."""
-    from kdframe_hf.capture import MASKED, extract_features
-
-    loaded = tiny("bert")
-    model = loaded.model.eval()
-    attention = model.bert.encoder.layer[0].attention.self
-    with torch.no_grad():
-        attention.query.weight.mul_(300.0)  # scores of hundreds, of both signs
-        attention.key.weight.mul_(10.0)
-        b = batch(loaded)
-        got = extract_features(model, b, frozenset({"hidden", "attn"}))
-        h = got.hidden[0]
-        heads, d = 4, 32 // 4
-        q = attention.query(h).view(3, 12, heads, d).transpose(1, 2)
-        k = attention.key(h).view(3, 12, heads, d).transpose(1, 2)
-        want = q @ k.transpose(2, 3) / d**0.5
-    real_keys = b["attention_mask"][:, None, None, :].bool().expand_as(want)
-    assert (want[real_keys] <= MASKED).any()  # the case this test is about
-    torch.testing.assert_close(got.attn[0][real_keys], want[real_keys], rtol=1e-5, atol=1e-3)
-    assert (got.attn[0][~real_keys] == 0).all()

@@ -18,6 +18,7 @@ the scores before the softmax (docs/method.md section 1). How to get them depend
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -32,8 +33,9 @@ from kdframe.api import Features, ModelError
 
 CAPTURE = "kdframe_capture"
 
-#: Masked keys hold the dtype minimum in transformers 5 (-10000 in older code): anything at or
-#: below this is the mask, never a real score.
+#: An additive mask holds the dtype minimum at masked keys in transformers 5 (-10000 in older
+#: code): a mask entry at or below this hides its key. Only masks are compared with it, never
+#: scores, so a real key keeps its score however negative.
 MASKED = -100.0
 
 # The list the running capture appends to; outside ``interface_capture`` it is None and
@@ -66,7 +68,7 @@ def capture_attention(
             # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md
             # 8.1). In place, after the softmax has read the scores (its backward needs its output,
             # not its input); the recorded tensor keeps its graph for the attention loss.
-            scores.masked_fill_(attention_mask <= MASKED, 0.0)
+            scores.masked_fill_(masked_keys(attention_mask), 0.0)
         recorded.append(scores)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -84,10 +86,12 @@ AttentionMaskInterface.register(CAPTURE, eager_mask)
 CaptureAdapter = Callable[[PreTrainedModel], ContextManager[list[torch.Tensor]]]
 
 
-def _masked_to_zero(scores: torch.Tensor) -> torch.Tensor:
-    # Zero the masked keys: squared, the mask value would swamp any loss (docs/method.md 8.1).
-    # The recorded tensor keeps its graph: the student's attention loss backpropagates here.
-    return scores.masked_fill(scores <= MASKED, 0.0)
+def masked_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Where an attention mask hides the key: the false / 0 entries of a boolean or 0/1 mask, the
+    large negative entries of an additive one; broadcastable against the scores."""
+    if attention_mask.dtype.is_floating_point:
+        return attention_mask <= MASKED
+    return attention_mask == 0
 
 
 @contextlib.contextmanager
@@ -111,36 +115,48 @@ def interface_capture(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
 # -- families with attention code of their own --------------------------------------------------
 
 _softmax = torch.nn.functional.softmax
-# The list the attention module running now records into, until its first softmax over keys.
-_pending: ContextVar[list[torch.Tensor] | None] = ContextVar("kdframe_hf_pending", default=None)
+# While an attention module runs, until its first softmax over keys: the list it records into and
+# the mask it was given (None: no mask).
+_pending: ContextVar[tuple[list[torch.Tensor], torch.Tensor | None] | None] = ContextVar("kdframe_hf_pending", default=None)
 
 
 def _recording_softmax(input: torch.Tensor, dim: int | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-    target = _pending.get()
-    if target is not None and dim is not None and dim in (-1, input.dim() - 1):
+    pending = _pending.get()
+    if pending is not None and dim is not None and dim in (-1, input.dim() - 1):
         _pending.set(None)  # one score matrix per attention call
-        target.append(_masked_to_zero(input))
+        target, mask = pending
+        # Zero the keys the module's mask hides: squared, the mask value would swamp any loss
+        # (docs/method.md 8.1). The recorded tensor keeps its graph for the attention loss.
+        target.append(input if mask is None else input.masked_fill(masked_keys(mask), 0.0))
     return _softmax(input, dim, *args, **kwargs)
 
 
-def softmax_capture(*attention_classes: str) -> CaptureAdapter:
+def softmax_capture(*attention_classes: str, mask_argument: str = "attention_mask") -> CaptureAdapter:
     """An adapter for families whose self-attention modules (the classes named) compute
     ``softmax(scores + mask)`` in their own code: while such a module runs, the first softmax over
-    the last dimension records its input. Nothing is recomputed, so the model's outputs, and
-    dropout's random numbers, are what they would be without the capture."""
+    the last dimension records its input, with the keys hidden by the module's ``mask_argument``
+    set to 0. Nothing is recomputed, so the model's outputs, and dropout's random numbers, are what
+    they would be without the capture."""
 
     @contextlib.contextmanager
     def capture(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         scores: list[torch.Tensor] = []
         modules = [m for m in model.modules() if type(m).__name__ in attention_classes]
+        signatures = {type(m): inspect.signature(m.forward) for m in modules}
+        for cls, signature in signatures.items():
+            if mask_argument not in signature.parameters:
+                raise ModelError(f"{cls.__name__}.forward has no {mask_argument!r} argument, so its masked keys cannot"
+                                 " be told from real ones (softmax_capture's mask_argument names it)")
 
-        def start(module: nn.Module, args: Any) -> None:
-            _pending.set(scores)
+        def start(module: nn.Module, args: Any, kwargs: Any) -> None:
+            bound = signatures[type(module)].bind_partial(*args, **kwargs)
+            _pending.set((scores, bound.arguments.get(mask_argument)))
 
         def end(module: nn.Module, args: Any, output: Any) -> None:
             _pending.set(None)
 
-        handles = [h for m in modules for h in (m.register_forward_pre_hook(start), m.register_forward_hook(end))]
+        handles = [h for m in modules
+                   for h in (m.register_forward_pre_hook(start, with_kwargs=True), m.register_forward_hook(end))]
         torch.nn.functional.softmax = _recording_softmax
         try:
             yield scores
