@@ -68,6 +68,7 @@ STRATEGIES = {  # the body of stages[0], as the *_glue recipes and their ablatio
             ' losses = { hard = 0.5, pred = { weight = 0.5, temperature = 5.0 }, pt = 100.0 }'),
 }
 OUTSIDE = "outside_phases"  # the step total minus its phases
+PEER = "peer-tinybert"  # PeerArm: a TinyBERT-style step written without kdframe
 COLUMNS = (*PHASES, OUTSIDE, "total")
 
 
@@ -175,6 +176,78 @@ class Arm:
             times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
             times[clock_name]["total"] = total
         return record, times
+
+
+class PeerArm:
+    """A TinyBERT-style step as a framework built on transformers writes it, with no kdframe code
+    in its step: both models run eager attention with ``output_attentions`` and
+    ``output_hidden_states``; MSE between the student's attention probabilities and those of
+    teacher layer (m+1) N/M - 1, MSE between the mapped student hidden states (a trainable linear
+    map, as TinyBERT's ``fit_dense``) and teacher states 0, N/M, ..., N; soft cross-entropy on the
+    logits. Only the pairs it uses are computed. The optimizer is kdframe's (``kdframe.optim.adamw``)
+    with the same clipping, so the comparison is about the distillation work alone."""
+
+    PHASES_USED = ("teacher_forward", "student_forward", "loss_terms", "backward", "optimizer")
+
+    def __init__(self, session, trainer, batch: int):
+        import torch
+
+        from kdframe.optim import adamw
+
+        self.name, self.trainer, self.weights = "peer-tinybert", trainer, {}
+        self.teacher = session.teacher.model.to(trainer.device).eval()
+        self.student = copy.deepcopy(session.student.model).to(trainer.device)
+        torch.manual_seed(1)
+        self.fit_dense = torch.nn.Linear(self.student.config.hidden_size, self.teacher.config.hidden_size).to(trainer.device)
+        self.optimizer = adamw([self.student, self.fit_dense], 0.01, 2e-5, trainer.device)
+        m, n = self.student.config.num_hidden_layers, self.teacher.config.num_hidden_layers
+        self.attn_pairs = [(i, (i + 1) * n // m - 1) for i in range(m)]
+        self.hidden_pairs = [(i, i * n // m) for i in range(m + 1)]
+        self.timer = PhaseTimer()
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        configs = [self.teacher.config, self.student.config]
+        before = [c._attn_implementation for c in configs]
+        for c in configs:
+            c._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            for c, b in zip(configs, before):
+                c._attn_implementation = b
+
+    def run(self, batch: dict[str, Any], teacher_features: Any = None) -> tuple[None, dict[str, dict[str, float]]]:
+        import torch
+        import torch.nn.functional as F
+
+        inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+        phase = self.timer.phase
+        self.timer.reset()
+        clock = C.Clock()
+        self.student.train()
+        with self.eager(), self.trainer.accelerator.autocast():
+            with phase("teacher_forward"), torch.no_grad():
+                t = self.teacher(**inputs, output_hidden_states=True, output_attentions=True)
+            with phase("student_forward"):
+                s = self.student(**inputs, output_hidden_states=True, output_attentions=True)
+            with phase("loss_terms"):
+                att = sum(F.mse_loss(s.attentions[i], t.attentions[j]) for i, j in self.attn_pairs)
+                hid = sum(F.mse_loss(self.fit_dense(s.hidden_states[i]), t.hidden_states[j]) for i, j in self.hidden_pairs)
+                pred = -(F.softmax(t.logits, -1) * F.log_softmax(s.logits, -1)).sum(-1).mean()
+                loss = 0.005 * att + 0.005 * hid + pred
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_([*self.student.parameters(), *self.fit_dense.parameters()], 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        wall, cpu = clock.lap()
+        times = {clock_name: dict(phases) for clock_name, phases in self.timer.times.items()}
+        for clock_name, total in (("wall", wall), ("cpu", cpu)):
+            times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
+            times[clock_name]["total"] = total
+        return None, times
 
 
 # -- synthetic batches ----------------------------------------------------------------------------
@@ -331,7 +404,9 @@ def measure_memory(config: str, strategies: list[str], batch: int, length: int, 
 
 def run_config(session, trainer, config: str, length: int, rounds: int, budget_s: float) -> dict[str, Any]:
     batch_size = CONFIGS[config]["batch"]
-    arms = {name: Arm(session, trainer, name, batch_size) for name in STRATEGIES}
+    arms: dict[str, Any] = {name: Arm(session, trainer, name, batch_size) for name in STRATEGIES}
+    if session.teacher is not None:
+        arms[PEER] = PeerArm(session, trainer, batch_size)
     batches = [synthetic_batch(session, batch_size, length, seed=s) for s in range(4)]
     names = list(arms)
     times: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in names}
@@ -381,6 +456,10 @@ def run_config(session, trainer, config: str, length: int, rounds: int, budget_s
                 name: C.quantiles([total(name, r) / (total("finetune", r) + times[name][r][clock]["teacher_forward"])
                                    for r in rr])
                 for name in ("one-to-one", "uniform", "emd", "emd+ca", "pkd")},
+            **({"one_to_one_over_peer": C.quantiles([total("one-to-one", r) / total(PEER, r) for r in rr]),
+                "emd_ca_over_peer": C.quantiles([total("emd+ca", r) / total(PEER, r) for r in rr]),
+                "peer_over_floor": C.quantiles([total(PEER, r) / (total("finetune", r) + times["one-to-one"][r][clock]["teacher_forward"])
+                                                for r in rr])} if PEER in arms else {}),
             "capture_teacher_over_plain_teacher": C.quantiles(
                 [times["emd+ca"][r][clock]["teacher_forward"] / teacher_plain(r) for r in rr]),
         }
@@ -416,7 +495,10 @@ def markdown(results: dict[str, Any]) -> str:
                        + ", ".join(f"{k} {v['median']:.3f} (IQR {v['q1']:.3f}-{v['q3']:.3f})" for k, v in f.items())
                        + "; distillation step / (fine-tune step + plain teacher forward): "
                        + ", ".join(f"{k} {v['median']:.3f}" for k, v in d.items()) + " (target <= 1.5);"
-                       f" teacher forward with capture / plain {r['capture_teacher_over_plain_teacher']['median']:.3f}")
+                       f" teacher forward with capture / plain {r['capture_teacher_over_plain_teacher']['median']:.3f}"
+                       + ("".join(f"; {k.replace('_', ' ')} {r[k]['median']:.3f} (IQR {r[k]['q1']:.3f}-{r[k]['q3']:.3f})"
+                                  for k in ("one_to_one_over_peer", "emd_ca_over_peer", "peer_over_floor"))
+                          if "one_to_one_over_peer" in r else ""))
         out.append("")
     if "crossings" in results:
         out.append("#### Host transfers and scalar reads in one kdframe.step.train_step (tiny models)\n")

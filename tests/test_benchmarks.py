@@ -5,6 +5,7 @@ bench_step.py times kdframe.step.train_step itself, per phase, through the step'
 asserted (docs/performance.md).
 """
 
+import json
 import subprocess
 import sys
 
@@ -18,3 +19,7 @@ def test_benchmarks_run_in_quick_mode(tmp_path):
     written = {p.name for p in tmp_path.rglob("*.json")}
     assert {"bench_step.json", "bench_scaling.json", "bench_transport.json", "bench_capture.json",
             "bench_data.json"} <= written
+    step = json.loads(next(tmp_path.rglob("bench_step.json")).read_text())
+    for run in step["runs"].values():  # the peer's TinyBERT-style step ran beside kdframe's
+        assert run["strategies"]["peer-tinybert"]["cpu"]["total"]["median"] > 0
+        assert run["ratios"]["cpu"]["one_to_one_over_peer"]["median"] > 0
