@@ -52,7 +52,9 @@ NAN_RUN = ["--progress", "off", "-p", "kdframe_robust_nan", "--set", "stages[0].
 @pytest.mark.parametrize("step", [1, 3])
 def test_nan_loss_term_stops_the_run_before_any_nan_checkpoint(tmp_path, step):
     out = tmp_path / "run"
-    result = kd("run", SMOKE, "--out", out, *NAN_RUN, env={"KDFRAME_ROBUST_NAN": str(step)})
+    # A cache of its own: the teacher stage runs whatever tests ran before in this process.
+    result = kd("run", SMOKE, "--out", out, *NAN_RUN,
+                env={"KDFRAME_ROBUST_NAN": str(step), "KDFRAME_CACHE": str(tmp_path / "cache")})
     assert result.rc == 1, result.err
     assert "Traceback" not in result.err
     assert f"stage 'distil' step {step}: non-finite loss term 'robust_nan'" in result.err
