@@ -56,10 +56,11 @@ def capture_attention(
     """transformers' eager attention, plus recording the scores; returns what eager returns."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # Scaled and masked in the product's own buffer (matmul's backward needs its inputs, not its
+    # output): the same operations in the same order as eager attention, one (B, h, L, L) tensor.
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
     if attention_mask is not None:
-        # In place (the product's own buffer, which no backward saves) when the dtypes agree;
-        # under autocast the bf16 product is promoted to the fp32 mask's dtype, as eager attention does.
+        # Under autocast the bf16 product is promoted to the fp32 mask's dtype, as eager attention does.
         scores = scores.add_(attention_mask) if scores.dtype == attention_mask.dtype else scores + attention_mask
     weights = nn.functional.softmax(scores, dim=-1)
     recorded = _scores.get()
