@@ -406,14 +406,19 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     todo = [c for c in state.cells if c["status"] != "done"]
     where = f" on Ray ({_cluster_size(cluster)})" if cluster else ""
     ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run{where}, in {root.resolve()}")
-    previous = signal.signal(signal.SIGTERM, ablation.terminated)
+    # A process started as a shell's background job inherits SIGINT ignored, and Python then raises
+    # no KeyboardInterrupt: on Ray, whose workers do not share the driver's process group, the grid
+    # would go on. The driver asks for it, as `kdframe run`'s trainer installs its own handler.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, ablation.terminated),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         if cluster is not None:
             finished = ablation.run_ray(cluster, grid, todo)
         else:
             finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not finished:
         again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
                  *(["--shard", shard] if shard else []), *(["--on", "ray"] if cluster else []),

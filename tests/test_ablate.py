@@ -284,6 +284,35 @@ def test_workers_of_a_killed_ablation_checkpoint_and_stop(tmp_path, tmp_path_fac
     assert steps and max(steps) < 30 * 4  # 64 examples / 16 per batch = 4 steps per epoch
 
 
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_a_parallel_ablation_with_its_cells_checkpointed(tmp_path, tmp_path_factory, inherited):
+    """Ctrl-C (SIGINT to the process group) stops a --jobs ablation: the running cells checkpoint and
+    it exits 130 with the resume command. Also when it was started with SIGINT ignored, as a
+    shell's background job is: Python then installs no KeyboardInterrupt, so the driver must."""
+    grid = write_grid(tmp_path / "grid.toml", {"emd": ['set = ["stages[0].epochs=30"]']}, seeds=[1, 2])
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
+    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
+                                "--jobs", "2", "--progress", "plain"], cwd=ROOT, env=env, start_new_session=True,
+                               preexec_fn=ignore, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = [out / "cells" / "mrpc" / "emd" / f"seed{seed}" / "checkpoint.pt" for seed in (1, 2)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(c.exists() for c in checkpoints):
+            time.sleep(0.05)
+        assert any(c.exists() for c in checkpoints)
+        os.killpg(process.pid, signal.SIGINT)
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "interrupted (checkpointed)" in stderr and "--resume" in stderr
+    assert {c["status"] for c in state_of(out)["cells"]} == {"pending"}  # both run again on --resume
+    assert not any((c.parent / "summary.json").exists() for c in checkpoints)  # stopped, not trained to the end
+
+
 def _parent(proc):
     try:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])

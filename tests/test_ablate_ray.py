@@ -46,10 +46,12 @@ def dev_records(run_dir):
             if r.get("split") == "dev" and r.get("stage") != "teacher"]
 
 
-def start(*args, env):
-    """The CLI in a session of its own (killpg reaches the local Ray cluster it starts too)."""
+def start(*args, env, sigint_ignored=False):
+    """The CLI in a session of its own (killpg reaches the local Ray cluster it starts too);
+    ``sigint_ignored``: started as a shell's background job is, with SIGINT ignored."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "kdframe.cli", *args], cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(FIXTURES), **env},
+                            env={**os.environ, "PYTHONPATH": str(FIXTURES), **env}, preexec_fn=ignore,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -130,16 +132,16 @@ def test_a_killed_worker_is_retried_and_its_cell_resumes(long_grid, tmp_path, tm
 
 def test_a_grid_moves_between_executors_through_kills_and_sigterm(long_grid, tmp_path, tmp_path_factory):
     """Started locally and killed; resumed on Ray, whose driver is killed; resumed on Ray and
-    stopped by SIGTERM; finished locally: every cell as in one uninterrupted local run. Each
+    stopped by Ctrl-C, then by SIGTERM; finished locally: every cell as in one uninterrupted local run. Each
     interruption lands once some unfinished cell has written a checkpoint in that phase."""
     grid, local = long_grid
     out = tmp_path / "out"
     env = cli_env(tmp_path_factory)
     variants = ("emd", "one-to-one")
 
-    def interrupt(*executor, signum, group=True):
+    def interrupt(*executor, signum, group=True, sigint_ignored=False):
         process = start("ablate", str(grid), "--out", str(out), *executor, "--progress", "plain", env=env,
-                        *(["--resume"] if (out / "ablation.json").exists() else []))
+                        *(["--resume"] if (out / "ablation.json").exists() else []), sigint_ignored=sigint_ignored)
         before = {v: checkpoint_time(out, v) for v in variants}  # checkpoints of earlier phases do not count
         try:
             mid_cell = lambda: any(checkpointed_mid_cell(out, v, before[v]) for v in variants)  # noqa: E731
@@ -161,11 +163,13 @@ def test_a_grid_moves_between_executors_through_kills_and_sigterm(long_grid, tmp
     interrupt(signum=signal.SIGKILL)
     interrupt("--on", "ray", signum=signal.SIGKILL)
     assert "running" in {c["status"] for c in state_of(out)["cells"]}  # as the killed driver left it
-    # SIGTERM to the driver alone, as a scheduler stops a job (Ctrl-C takes the same path).
-    code, process = interrupt("--on", "ray", signum=signal.SIGTERM, group=False)
-    stderr = process.stderr.read()
-    assert code == 143, stderr
-    assert "--resume --on ray" in stderr and "interrupted (checkpointed)" in stderr
+    # Ctrl-C to the group of a driver started with SIGINT ignored (a background job; Python then
+    # raises no KeyboardInterrupt), and SIGTERM to the driver alone, as a scheduler stops a job.
+    for signum, group, code_wanted in ((signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)):
+        code, process = interrupt("--on", "ray", signum=signum, group=group, sigint_ignored=True)
+        stderr = process.stderr.read()
+        assert code == code_wanted, stderr
+        assert "--resume --on ray" in stderr and "interrupted (checkpointed)" in stderr
     result = run_cli("ablate", str(grid), "--out", str(out), "--resume", "--progress", "plain", env=env)
     assert result.returncode == 0, result.stderr
     assert outcomes(out) == outcomes(local)
