@@ -31,7 +31,8 @@ def test_installed_copy_is_the_example_source():
 
 
 def test_the_example_passes_its_own_tests():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", str(EXAMPLE / "tests")], cwd=ROOT,
+    # -n 0: one process (kdframe's pytest options, which it picks up from here, ask for two workers).
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", str(EXAMPLE / "tests")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, **INSTALLED_PLUGINS})
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "skipped" not in result.stdout
