@@ -149,3 +149,15 @@ def test_every_shipped_recipe_is_valid(path):
     if "[axes]" in text or "[[stages]]" not in text:
         pytest.skip("an ablation grid or a base recipe")
     assert read_recipe(path).problems == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("ablation_*.toml")), ids=lambda p: p.name)
+def test_every_cell_of_a_shipped_grid_is_valid(path):
+    """Each cell's recipe with the grid's, the task's and the variant's overrides, as `kdframe
+    ablate` builds it (a grid that only fails when its cell comes up would fail hours in)."""
+    from kdframe.grid import cell_label, grid_cells, load_grid
+
+    cells = grid_cells(load_grid(path), path.parent)
+    assert cells
+    for cell in cells:
+        assert read_recipe(cell["recipe"], *cell["overrides"]).problems == [], cell_label(cell)
