@@ -62,7 +62,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Callable
 
-from kdframe.cells import CellExecutor, run_cell, stop_when_orphaned
+from kdframe.cells import CellExecutor, run_cell, stop_cell_on_signal, stop_when_orphaned
 from kdframe.checkpoint import has_checkpoint
 from kdframe.errors import Interrupted, KdframeError
 from kdframe.grid import STATE, Cell, Grid, cell_label, grid_cells, load_grid, parse_shard, state_file_name
@@ -160,11 +160,9 @@ def _teacher_to_cache(cell: Cell, host: PluginHost) -> Path | None:
 def _init_worker(threads: int) -> None:
     import torch
 
-    # Ctrl-C reaches every process in the group, and the parent passes SIGTERM on: idle workers
-    # ignore both (a KeyboardInterrupt would break the pool); a training worker's Trainer installs
-    # its own handlers and checkpoints.
+    # Ctrl-C reaches every process in the group, and the parent passes SIGTERM on.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, stop_cell_on_signal)
     torch.set_num_threads(threads)
     stop_when_orphaned()
 

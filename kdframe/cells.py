@@ -27,6 +27,15 @@ ORPHAN_WATCH = "kdframe-orphan-watch"
 _in_cell = threading.Event()  # set while run_cell runs in this process
 
 
+def stop_cell_on_signal(signum: int, frame: Any) -> None:
+    """A worker's SIGINT / SIGTERM handler. While a cell trains, its trainer's own handlers take
+    over (finish the step, checkpoint, stop). Before that (models and data loading) the cell stops
+    at once, with nothing to checkpoint yet: a signal ignored there let the cell train to the end
+    after Ctrl-C. An idle worker ignores it (a KeyboardInterrupt would break the pool)."""
+    if _in_cell.is_set():
+        raise KeyboardInterrupt
+
+
 def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[str, Any]:
     """Run, resume or restart one cell; never raises: returns the fields to store for it.
 
