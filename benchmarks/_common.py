@@ -8,6 +8,7 @@ absolute times are noisy; ratios measured in one process, interleaved, are what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -15,7 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,6 +117,20 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
         if budget_s is not None and r >= 2 and time.perf_counter() - started > budget_s:
             break
     return times
+
+
+@contextlib.contextmanager
+def attn_implementation(model: Any, name: str | None) -> Iterator[None]:
+    """Run ``model``'s forwards inside under the attention implementation ``name`` (None: its own)."""
+    if name is None:
+        yield
+        return
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
 
 
 def ms(seconds: float) -> float:

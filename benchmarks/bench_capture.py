@@ -67,12 +67,10 @@ def lean_capturing(model):
 
     scores: list = []
     token = capture._scores.set(scores)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = LEAN
     try:
-        yield scores
+        with C.attn_implementation(model, LEAN):
+            yield scores
     finally:
-        model.config._attn_implementation = previous
         capture._scores.reset(token)
 
 
@@ -114,19 +112,6 @@ VARIANTS = {
 }
 
 
-@contextlib.contextmanager
-def attn_implementation(model, name: str | None):
-    if name is None:
-        yield
-        return
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = previous
-
-
 def teacher_forward(model, batch, needs, impl):
     import torch
 
@@ -139,7 +124,7 @@ def teacher_forward(model, batch, needs, impl):
         return run
 
     def run():
-        with torch.no_grad(), attn_implementation(model, impl):
+        with torch.no_grad(), C.attn_implementation(model, impl):
             extract_features(model, batch, needs)
     return run
 

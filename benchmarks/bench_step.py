@@ -171,11 +171,16 @@ class Arm:
         self.weights = record.next_weights
         self.ctx.step += 1
         self.session.host.step_end(self.ctx, record.log())
-        times = {clock_name: dict(phases) for clock_name, phases in self.timer.times.items()}
-        for clock_name, total in (("wall", wall), ("cpu", cpu)):
-            times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
-            times[clock_name]["total"] = total
-        return record, times
+        return record, step_times(self.timer, wall, cpu)
+
+
+def step_times(timer: PhaseTimer, wall: float, cpu: float) -> dict[str, dict[str, float]]:
+    """A step's times per clock: its phases, the total and what the phases left out."""
+    times = {clock_name: dict(phases) for clock_name, phases in timer.times.items()}
+    for clock_name, total in (("wall", wall), ("cpu", cpu)):
+        times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
+        times[clock_name]["total"] = total
+    return times
 
 
 class PeerArm:
@@ -187,14 +192,12 @@ class PeerArm:
     logits. Only the pairs it uses are computed. The optimizer is kdframe's (``kdframe.optim.adamw``)
     with the same clipping, so the comparison is about the distillation work alone."""
 
-    PHASES_USED = ("teacher_forward", "student_forward", "loss_terms", "backward", "optimizer")
-
     def __init__(self, session, trainer, batch: int):
         import torch
 
         from kdframe.optim import adamw
 
-        self.name, self.trainer, self.weights = "peer-tinybert", trainer, {}
+        self.trainer, self.weights = trainer, {}
         self.teacher = session.teacher.model.to(trainer.device).eval()
         self.student = copy.deepcopy(session.student.model).to(trainer.device)
         torch.manual_seed(1)
@@ -205,18 +208,6 @@ class PeerArm:
         self.hidden_pairs = [(i, i * n // m) for i in range(m + 1)]
         self.timer = PhaseTimer()
 
-    @contextlib.contextmanager
-    def eager(self) -> Iterator[None]:
-        configs = [self.teacher.config, self.student.config]
-        before = [c._attn_implementation for c in configs]
-        for c in configs:
-            c._attn_implementation = "eager"
-        try:
-            yield
-        finally:
-            for c, b in zip(configs, before):
-                c._attn_implementation = b
-
     def run(self, batch: dict[str, Any], teacher_features: Any = None) -> tuple[None, dict[str, dict[str, float]]]:
         import torch
         import torch.nn.functional as F
@@ -226,7 +217,8 @@ class PeerArm:
         self.timer.reset()
         clock = C.Clock()
         self.student.train()
-        with self.eager(), self.trainer.accelerator.autocast():
+        with (C.attn_implementation(self.teacher, "eager"), C.attn_implementation(self.student, "eager"),
+              self.trainer.accelerator.autocast()):
             with phase("teacher_forward"), torch.no_grad():
                 t = self.teacher(**inputs, output_hidden_states=True, output_attentions=True)
             with phase("student_forward"):
@@ -243,11 +235,7 @@ class PeerArm:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         wall, cpu = clock.lap()
-        times = {clock_name: dict(phases) for clock_name, phases in self.timer.times.items()}
-        for clock_name, total in (("wall", wall), ("cpu", cpu)):
-            times[clock_name][OUTSIDE] = total - sum(times[clock_name][p] for p in PHASES)
-            times[clock_name]["total"] = total
-        return None, times
+        return None, step_times(self.timer, wall, cpu)
 
 
 # -- synthetic batches ----------------------------------------------------------------------------
