@@ -28,6 +28,13 @@ def write_grid(path, variants, seeds=(1, 2)):
     return path
 
 
+def start_ablation(grid, out, tmp_path_factory, *args, **popen):
+    """``kdframe ablate GRID --out OUT ARGS`` in a session of its own (killpg reaches its workers)."""
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
+    return subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out), *args],
+                            cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, **popen)
+
+
 def state_of(out):
     return json.loads((out / "ablation.json").read_text())
 
@@ -76,10 +83,7 @@ def test_report_on_a_single_run_dir(smoke_ablation):
 def test_killed_ablation_resumes_without_redoing_done_cells(tmp_path, tmp_path_factory, capsys):
     grid = write_grid(tmp_path / "grid.toml", {"emd": [], "kd": [f'recipe = "{RECIPES / "smoke" / "kd.toml"}"']})
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
-    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
-                                "--progress", "off"], cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = start_ablation(grid, out, tmp_path_factory, "--progress", "off", stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         # Kill once a cell is done and the next one has checkpointed part of its training.
@@ -257,10 +261,8 @@ def test_workers_of_a_killed_ablation_checkpoint_and_stop(tmp_path, tmp_path_fac
     cells and exit, instead of training on beside a --resume."""
     grid = write_grid(tmp_path / "grid.toml", {"emd": ['set = ["stages[0].epochs=30"]']}, seeds=[1])
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
-    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
-                                "--jobs", "2", "--progress", "off"], cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_ablation(grid, out, tmp_path_factory, "--jobs", "2", "--progress", "off",
+                             stderr=subprocess.DEVNULL)
     checkpoint = out / "cells" / "mrpc" / "emd" / "seed1" / "checkpoint.pt"
     deadline = time.monotonic() + 120
     try:
@@ -291,11 +293,9 @@ def test_ctrl_c_stops_a_parallel_ablation_with_its_cells_checkpointed(tmp_path, 
     shell's background job is: Python then installs no KeyboardInterrupt, so the driver must."""
     grid = write_grid(tmp_path / "grid.toml", {"emd": ['set = ["stages[0].epochs=30"]']}, seeds=[1, 2])
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(FIXTURES), **cli_env(tmp_path_factory))
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
-    process = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "ablate", str(grid), "--out", str(out),
-                                "--jobs", "2", "--progress", "plain"], cwd=ROOT, env=env, start_new_session=True,
-                               preexec_fn=ignore, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_ablation(grid, out, tmp_path_factory, "--jobs", "2", "--progress", "plain",
+                             preexec_fn=ignore, stderr=subprocess.PIPE, text=True)
     checkpoints = [out / "cells" / "mrpc" / "emd" / f"seed{seed}" / "checkpoint.pt" for seed in (1, 2)]
     try:
         deadline = time.monotonic() + 120

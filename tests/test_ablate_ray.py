@@ -146,7 +146,7 @@ def test_a_grid_moves_between_executors_through_kills_and_sigterm(long_grid, tmp
         try:
             mid_cell = lambda: any(checkpointed_mid_cell(out, v, before[v]) for v in variants)  # noqa: E731
             assert wait_for(mid_cell, process), process.stderr.read()
-            # SIGKILL to the whole group: the driver and the local Ray cluster it started.
+            # To the whole group (the driver and the local Ray cluster it started), or the driver alone.
             (os.killpg if group else os.kill)(process.pid, signum)
             return process.returncode if signum == signal.SIGKILL else process.wait(timeout=120), process
         finally:
