@@ -66,6 +66,20 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool
         raise
 
 
+def atomic_link(source: Path, path: Path) -> bool:
+    """Make ``path`` a hard link to ``source`` (the same bytes, no second copy on disk), replacing
+    ``path`` atomically; False, with nothing changed, where the filesystem cannot link them (another
+    device, no hard links)."""
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 

@@ -25,7 +25,7 @@ from kdframe.checkpoint import Checkpoint, StageProgress, StageState
 from kdframe.errors import Interrupted, RunFailed
 from kdframe.batches import collate, epoch_order
 from kdframe.evaluation import evaluate
-from kdframe.fileio import iter_jsonl, read_json
+from kdframe.fileio import atomic_link, iter_jsonl, read_json
 from kdframe.invocation import kdframe_command
 from kdframe.optim import Optimization
 from kdframe.parallel import Processes
@@ -170,6 +170,8 @@ class Trainer:
             summary["wall_time_s"] = round(self.elapsed(), 2)
             self.save(s.student.model.state_dict(), self.run_dir.path / "student.pt")
             self.run_dir.write_json("summary.json", summary)
+            if self.is_main:  # the run is complete: its mid-stage generation is of no further use
+                checkpoint.previous(self.run_dir.checkpoint).unlink(missing_ok=True)
             for which in ("best", "final"):
                 self.track("summary", f"student_{which}", 0, summary["student"][which] or {})
             self.host.run_end(self, summary)
@@ -215,7 +217,9 @@ class Trainer:
         else:
             source = "as loaded"
         if found != "run":
-            self.save(teacher.model.state_dict(), self.run_dir.teacher)
+            # A cached teacher is linked, not copied: a grid of cells keeps one copy on disk.
+            if not (cached is not None and self.is_main and atomic_link(cached, self.run_dir.teacher)):
+                self.save(teacher.model.state_dict(), self.run_dir.teacher)
             self.run_dir.write_json(TEACHER_SOURCE, {"source": source})
         teacher.model.to(self.device).eval()
         metrics = self.evaluate(teacher, (s.teacher_stage or s.stages[0]).stage.eval_batch_size)

@@ -1,15 +1,19 @@
 """End-to-end runs on tiny models: run directory contents, kill-and-resume equivalence, export."""
 
 import copy
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from kdframe.fileio import atomic_link
 from kdframe.optim import adamw, param_groups
 
 SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
@@ -45,6 +49,32 @@ def test_run_directory_holds_everything(reference_run):
     progress = json.loads((reference_run / "progress.json").read_text())
     assert (progress["label"], progress["step"], progress["total"]) == ("distil", 8, 8)
     assert progress["info"].startswith("loss ") and " dev f1 " in progress["info"]
+
+
+def test_a_finished_run_keeps_one_copy_of_its_teacher_and_one_checkpoint(reference_run):
+    """The cached teacher is linked into the run directory, not copied (a 36-cell grid of a 12-layer
+    teacher held 36 copies of 438 MB); the mid-stage checkpoint generation goes once the run is done."""
+    source = json.loads((reference_run / "teacher.json").read_text())["source"]
+    assert source.startswith("cache ") or source == "fine-tuned in this run"
+    cached = (Path(os.environ["KDFRAME_CACHE"]) / "teachers").glob("*.pt")
+    assert [p for p in cached if p.samefile(reference_run / "teacher.pt")]
+    assert not (reference_run / "checkpoint.prev.pt").exists()
+
+
+def test_a_teacher_that_cannot_be_linked_is_written(tmp_path, monkeypatch):
+    source, path = tmp_path / "cached.pt", tmp_path / "run" / "teacher.pt"
+    source.write_bytes(b"teacher")
+    path.parent.mkdir()
+    path.write_bytes(b"old")
+
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    assert not atomic_link(source, path)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in path.parent.iterdir()) == ["teacher.pt"]
+    monkeypatch.undo()
+    assert atomic_link(source, path) and path.samefile(source)
 
 
 def test_logged_flows_have_the_logged_weights_as_marginals(reference_run):
