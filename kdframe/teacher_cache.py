@@ -24,13 +24,15 @@ feature set, the storage dtype and the recipe's precision (under autocast the te
 other numbers). Any change gives a new key, hence a fresh cache directory.
 
 Budget: past ``max_bytes`` (bytes of stored tensors; on disk, of the files already there plus the
-new ones) nothing more is stored; the rest is computed live on every step, as without a cache.
+new ones) nothing more is stored; the rest is computed live on every step, as without a cache. A
+file that cannot be written (a full disk) ends storing the same way, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +41,7 @@ import torch
 
 from kdframe.caches import cache_root
 from kdframe.checkpoint import weights_digest
+from kdframe.errors import KdframeWarning
 from kdframe.fileio import atomic_write
 from kdframe.tokens import tokenizer_identity
 from kdframe.types import Features, TokenizedSplit
@@ -135,6 +138,7 @@ class TeacherCache:
         self.on_disk: set[int] = set()
         self.bytes = 0
         self.full = False
+        self.write_error: str | None = None  # why storing stopped early, when a write failed
         self.hits = self.misses = 0
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
@@ -149,9 +153,10 @@ class TeacherCache:
     def stats(self) -> dict[str, Any]:
         """For the stage summary: examples served from the cache (hits) and run through the teacher
         (misses), bytes stored, examples stored."""
-        return {"hits": self.hits, "misses": self.misses, "bytes": self.bytes,
-                "examples": len(self.on_disk) + len(self.memory), "full": self.full,
-                "storage": "disk" if self.directory is not None else "memory", "key": self.key}
+        stats = {"hits": self.hits, "misses": self.misses, "bytes": self.bytes,
+                 "examples": len(self.on_disk) + len(self.memory), "full": self.full,
+                 "storage": "disk" if self.directory is not None else "memory", "key": self.key}
+        return stats | ({"write_error": self.write_error} if self.write_error else {})
 
     # -- the one call the engine makes ------------------------------------------------------------
     def features(self, indices: list[int], batch: dict[str, torch.Tensor]) -> Features:
@@ -219,7 +224,16 @@ class TeacherCache:
             self.memory[index] = entry
         else:
             # No fsync: a torn file after a crash fails to load and is recomputed.
-            atomic_write(self._file(index), lambda f: torch.save(entry, f))
+            try:
+                atomic_write(self._file(index), lambda f: torch.save(entry, f))
+            except OSError as exc:
+                # The cache only saves time: a full disk must not stop a run hours in.
+                self.full = True
+                self.write_error = f"{exc.strerror or exc}"
+                warnings.warn(f"teacher feature cache {self.directory}: cannot write ({self.write_error}): nothing"
+                              " more is stored, the rest of the stage runs the teacher live", KdframeWarning,
+                              stacklevel=1)
+                return
             self.on_disk.add(index)
         self.bytes += size
 

@@ -4,6 +4,7 @@ the key, the budget, disk reuse across runs, and the engine's use of it end to e
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 
@@ -12,7 +13,10 @@ import pytest
 import torch
 
 from conftest import ROOT, read_recipe
+from kdframe import teacher_cache
 from kdframe.batches import collate
+from kdframe.errors import KdframeWarning
+from kdframe.fileio import atomic_write
 from kdframe.recipe import to_plain
 from kdframe.library import run
 from kdframe.session import prepare
@@ -177,6 +181,34 @@ def test_budget_stops_storing_and_computes_the_rest_live(smoke):
     assert stats["full"] and 1 <= stats["examples"] < len(session.train) and stats["bytes"] <= 10.5 * per_example
     assert stats["hits"] == stats["examples"] and stats["misses"] == 2 * len(session.train) - stats["examples"]
     assert sum(forwarded) == stats["misses"]
+
+
+def test_a_full_disk_stops_storing_and_the_stage_goes_on_live(smoke, tmp_path, monkeypatch):
+    """A write that fails (no space left) is not the run's end: one warning, nothing more stored,
+    every batch still the live forward's features."""
+    session, _ = smoke
+    writes = []
+
+    def disk_fills_at_the_fifth_file(path, write, **kwargs):
+        writes.append(path.name)
+        if path.suffix == ".pt" and len([w for w in writes if w.endswith(".pt")]) >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return atomic_write(path, write, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "atomic_write", disk_fills_at_the_fifth_file)
+    cache, forwarded = new_cache(session, directory=tmp_path / "k")
+    with pytest.warns(KdframeWarning) as warned:
+        for epoch in (0, 1):
+            for indices in batches(session, 16, epoch):
+                batch = collate(session.train, indices, torch.device("cpu"))
+                assert_same_features(cache.features(indices, batch), live(session, batch))
+    assert [str(w.message) for w in warned] == [
+        f"teacher feature cache {tmp_path / 'k'}: cannot write (No space left on device): nothing more is stored,"
+        " the rest of the stage runs the teacher live"]
+    stats = cache.stats()
+    assert stats["full"] and stats["write_error"] == "No space left on device"
+    assert stats["examples"] == 4 == len(list((tmp_path / "k").glob("*.pt")))
+    assert stats["hits"] == 4 and stats["misses"] == 2 * len(session.train) - 4 == sum(forwarded)
 
 
 # -- the key -------------------------------------------------------------------------------------
