@@ -217,9 +217,7 @@ class Trainer:
         else:
             source = "as loaded"
         if found != "run":
-            # A cached teacher is linked, not copied: a grid of cells keeps one copy on disk.
-            if not (cached is not None and self.is_main and atomic_link(cached, self.run_dir.teacher)):
-                self.save(teacher.model.state_dict(), self.run_dir.teacher)
+            self.keep_teacher(teacher, cached)
             self.run_dir.write_json(TEACHER_SOURCE, {"source": source})
         teacher.model.to(self.device).eval()
         metrics = self.evaluate(teacher, (s.teacher_stage or s.stages[0]).stage.eval_batch_size)
@@ -230,6 +228,14 @@ class Trainer:
         self.progress.message(f"teacher ({source}): {format_metrics(metrics)}")
         return {"description": teacher.description, "params": count_parameters(teacher.model), "dev": metrics,
                 "source": source}
+
+    def keep_teacher(self, teacher: LoadedModel, cached: Path | None) -> None:
+        """The run's teacher.pt. A cached teacher is linked, not copied (a grid of cells keeps one
+        copy on disk), and made read-only: a write into either name would change both."""
+        if cached is not None and self.is_main and atomic_link(cached, self.run_dir.teacher):
+            cached.chmod(0o444)
+        else:
+            self.save(teacher.model.state_dict(), self.run_dir.teacher)
 
     # -- one stage ------------------------------------------------------------------------------
     def train_stage(self, index: int, student: LoadedModel, teacher: LoadedModel | None, resolved: ResolvedStage,

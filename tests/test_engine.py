@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def test_a_finished_run_keeps_one_copy_of_its_teacher_and_one_checkpoint(referen
     assert source.startswith("cache ") or source == "fine-tuned in this run"
     cached = (Path(os.environ["KDFRAME_CACHE"]) / "teachers").glob("*.pt")
     assert [p for p in cached if p.samefile(reference_run / "teacher.pt")]
+    assert stat.S_IMODE((reference_run / "teacher.pt").stat().st_mode) == 0o444  # a write into it would reach the cache
     assert not (reference_run / "checkpoint.prev.pt").exists()
 
 

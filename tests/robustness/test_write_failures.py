@@ -74,6 +74,7 @@ def test_a_corrupt_cached_teacher_is_fine_tuned_again(tmp_path):
     first = run_cli("run", str(SMOKE), "--out", str(tmp_path / "a"), "--progress", "off", env={"KDFRAME_CACHE": str(cache)})
     assert first.returncode == 0, first.stderr
     [cached] = (cache / "teachers").glob("*.pt")
+    cached.chmod(0o600)  # kdframe leaves it read-only (run directories link to it)
     cached.write_bytes(cached.read_bytes()[:1000])  # truncated
     again = run_cli("run", str(SMOKE), "--out", str(tmp_path / "b"), "--progress", "plain", env={"KDFRAME_CACHE": str(cache)})
     assert again.returncode == 0, again.stderr
