@@ -229,7 +229,7 @@ class TeacherCache:
             except OSError as exc:
                 # The cache only saves time: a full disk must not stop a run hours in.
                 self.full = True
-                self.write_error = f"{exc.strerror or exc}"
+                self.write_error = exc.strerror or str(exc)
                 warnings.warn(f"teacher feature cache {self.directory}: cannot write ({self.write_error}): nothing"
                               " more is stored, the rest of the stage runs the teacher live", KdframeWarning,
                               stacklevel=1)

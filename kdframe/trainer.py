@@ -232,7 +232,9 @@ class Trainer:
     def keep_teacher(self, teacher: LoadedModel, cached: Path | None) -> None:
         """The run's teacher.pt. A cached teacher is linked, not copied (a grid of cells keeps one
         copy on disk), and made read-only: a write into either name would change both."""
-        if cached is not None and self.is_main and atomic_link(cached, self.run_dir.teacher):
+        if not self.is_main:
+            return
+        if cached is not None and atomic_link(cached, self.run_dir.teacher):
             cached.chmod(0o444)
         else:
             self.save(teacher.model.state_dict(), self.run_dir.teacher)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
-from kdframe.fileio import atomic_link
+from kdframe.library import run
 from kdframe.optim import adamw, param_groups
 
 SMOKE = str(ROOT / "recipes" / "smoke_tiny.toml")
@@ -63,20 +63,21 @@ def test_a_finished_run_keeps_one_copy_of_its_teacher_and_one_checkpoint(referen
     assert not (reference_run / "checkpoint.prev.pt").exists()
 
 
-def test_a_teacher_that_cannot_be_linked_is_written(tmp_path, monkeypatch):
-    source, path = tmp_path / "cached.pt", tmp_path / "run" / "teacher.pt"
-    source.write_bytes(b"teacher")
-    path.parent.mkdir()
-    path.write_bytes(b"old")
-
+def test_a_teacher_that_cannot_be_linked_is_written(reference_run, tmp_path, monkeypatch):
+    """Where the run directory and the cache are on different filesystems the cached teacher is
+    written into the run directory as before, and nothing is left of the link attempt."""
     def cross_device(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
-    assert not atomic_link(source, path)
-    assert path.read_bytes() == b"old" and sorted(p.name for p in path.parent.iterdir()) == ["teacher.pt"]
-    monkeypatch.undo()
-    assert atomic_link(source, path) and path.samefile(source)
+    out = tmp_path / "run"
+    run(SMOKE, out=str(out), progress="off")
+    assert json.loads((out / "teacher.json").read_text())["source"].startswith("cache ")
+    assert not (out / "teacher.pt").samefile(reference_run / "teacher.pt")
+    written = torch.load(out / "teacher.pt", weights_only=True)
+    cached = torch.load(reference_run / "teacher.pt", weights_only=True)
+    assert written.keys() == cached.keys() and all(torch.equal(written[k], cached[k]) for k in cached)
+    assert not list(out.glob(".*"))
 
 
 def test_logged_flows_have_the_logged_weights_as_marginals(reference_run):
