@@ -14,6 +14,7 @@ from kdframe.recipe import MAX_SEED, bounded, path_field
 from kdframe.registry import DataSource, ModelSource, NoParams, Registry, Strategy, Task
 from kdframe.tokens import check_columns, first_true, quiet_progress, tokenize_to_arrow, tokenizer_identity
 from kdframe.types import (
+    EXTRACTABLE,
     FEATURES,
     Control,
     Features,
@@ -26,6 +27,7 @@ from kdframe.types import (
 )
 
 __all__ = [
+    "EXTRACTABLE",
     "FEATURES",
     "MAX_SEED",
     "MEMORY_PREFIX",

@@ -217,8 +217,9 @@ def kdframe_extract_features(
 ) -> Features | None:
     """Run ``model`` on ``batch`` and return the features named in ``needs``.
 
-    ``needs`` is a subset of ``kdframe.api.FEATURES``; logits are always returned. The teacher
-    is called under ``torch.no_grad()`` and in eval mode by the engine.
+    ``needs`` is a subset of ``kdframe.api.EXTRACTABLE``; logits are always returned. (A
+    strategy's ``cls`` need arrives here as ``hidden``; the engine keeps the first position.) The
+    teacher is called under ``torch.no_grad()`` and in eval mode by the engine.
 
     Called: every training step, teacher (under ``no_grad``, in eval mode) then student; at every
     dev evaluation with empty ``needs`` (logits only); once per stage by ``kdframe validate``.

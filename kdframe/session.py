@@ -16,7 +16,7 @@ from kdframe.errors import RecipeError
 from kdframe.plugins import PluginHost, load_plugins
 from kdframe.recipe import Recipe, RecipeSource, ResolvedStage, load_recipe, recipe_origin, to_plain
 from kdframe.rundir import recipe_toml
-from kdframe.types import LoadedModel, TaskInfo, TokenizedSplit
+from kdframe.types import LoadedModel, TaskInfo, TokenizedSplit, extracted
 
 
 @attrs.define
@@ -108,7 +108,7 @@ def length_problems(session: Session) -> list[str]:
             if loaded.max_length is not None and asked > loaded.max_length]
 
 
-FEATURE_NAMES = {"attn": "attention scores", "hidden": "hidden states", "logits": "logits"}
+FEATURE_NAMES = {"attn": "attention scores", "hidden": "hidden states", "cls": "[CLS] vectors", "logits": "logits"}
 
 
 def feature_problems(session: Session) -> list[str]:
@@ -117,7 +117,7 @@ def feature_problems(session: Session) -> list[str]:
     registry = session.host.registry
     models = {"teacher": session.teacher, "student": session.student}
     both = session.teacher.features & session.student.features
-    workable = ", ".join(s.name for s in registry.all() if s.slot == "loss" and s.needs <= both) or "(none)"
+    workable = ", ".join(s.name for s in registry.all() if s.slot == "loss" and extracted(s.needs) <= both) or "(none)"
     problems = []
     for i, stage in enumerate(session.stages):
         if not stage.needs_teacher(registry):
@@ -129,7 +129,7 @@ def feature_problems(session: Session) -> list[str]:
                 continue
             for feature in sorted(registry.get(slot, choice.name).needs):
                 for role, loaded in models.items():
-                    if feature not in loaded.features:
+                    if not extracted(frozenset({feature})) <= loaded.features:
                         problems.append(f"stages[{i}].{where}: {choice.name!r} reads {FEATURE_NAMES[feature]}, which"
                                         f" the {role} does not give ({loaded.description}); terms that work with"
                                         f" these models: {workable}")

@@ -13,10 +13,12 @@ have) and sliced to the batch's padded length when a batch is assembled; padding
 out as a forward on that batch gives them (the default losses count padding, docs/method.md 1). Only
 float rounding differs: CPU kernels for other batch shapes differ at about 1e-7 (fp32 storage).
 
-Layout per example: ``logits`` (C,) or () for regression; ``hidden`` (layers + 1, S, d);
-``attn`` (layers, heads, S, n) where n is the example's real length: masked key columns are 0 by
-the Features contract, so they are dropped when stored and restored as zeros. S is the longest
-example of the split (at most ``data.max_length``).
+Layout per example: ``logits`` (C,) or () for regression; ``hidden`` (layers + 1, S, d), or
+(layers + 1, 1, d) when only ``cls`` is needed (the first position: it does not depend on
+padding either, so such entries are stored unpadded); ``attn`` (layers, heads, S, n) where n is
+the example's real length: masked key columns are 0 by the Features contract, so they are dropped
+when stored and restored as zeros. S is the longest example of the split (at most
+``data.max_length``).
 
 The key (``cache_key``) covers the teacher's weights (a hash of the state_dict bytes, taken after
 fine-tuning), its class and config, the tokenizer, the tokenised split, ``data.max_length``, the
@@ -44,7 +46,7 @@ from kdframe.checkpoint import weights_digest
 from kdframe.errors import KdframeWarning
 from kdframe.fileio import atomic_write
 from kdframe.tokens import tokenizer_identity
-from kdframe.types import Features, TokenizedSplit
+from kdframe.types import Features, TokenizedSplit, extracted
 
 FORMAT = 1  # bump when the stored layout changes: old cache directories are then ignored
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,8 +134,9 @@ class TeacherCache:
         self.max_bytes = max_bytes
         self.key = key
         self.directory = directory
-        # Every batch is at most this long; logits-only entries need no padding at all.
+        # Every batch is at most this long; logits-only and [CLS]-only entries need no padding at all.
         self.length = int(split.lengths().max()) if needs & SEQUENCE_FEATURES else None
+        self.hidden_length = self.length if "hidden" in needs else 1  # positions a stored hidden state keeps
         self.memory: dict[int, Entry] = {}
         self.on_disk: set[int] = set()
         self.bytes = 0
@@ -206,13 +209,13 @@ class TeacherCache:
         of shapes only: a wrong file must not reach a batch)."""
         if not isinstance(entry, dict) or not isinstance(entry.get("dtypes"), dict):
             return False
-        wanted = {"logits"} | (self.needs & SEQUENCE_FEATURES)
+        wanted = {"logits"} | (extracted(self.needs) & SEQUENCE_FEATURES)
         if set(entry["dtypes"]) != wanted or not all(isinstance(entry.get(k), torch.Tensor) for k in wanted):
             return False
         if any(entry[k].dtype != self.dtype for k in wanted):
             return False
         hidden, attn = entry.get("hidden"), entry.get("attn")
-        return ((hidden is None or (hidden.dim() == 3 and hidden.shape[1] == self.length))
+        return ((hidden is None or (hidden.dim() == 3 and hidden.shape[1] == self.hidden_length))
                 and (attn is None or (attn.dim() == 4 and attn.shape[2] == self.length)))
 
     def _put(self, index: int, entry: Entry) -> None:

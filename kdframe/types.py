@@ -15,8 +15,17 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
-#: Feature names a strategy may declare in ``needs``.
-FEATURES = ("logits", "hidden", "attn")
+#: What a feature hook extracts from a model (``LoadedModel.features`` is a subset of these).
+EXTRACTABLE = ("logits", "hidden", "attn")
+#: Feature names a strategy may declare in ``needs``. ``cls`` is the hidden states at the first
+#: position only (BERT's [CLS] vectors): a strategy that reads nothing else declares it, and the
+#: teacher-feature cache then stores one vector per layer instead of the whole sequence.
+FEATURES = (*EXTRACTABLE, "cls")
+
+
+def extracted(needs: frozenset[str]) -> frozenset[str]:
+    """The features a model is run for to give ``needs``: ``cls`` comes from the hidden states."""
+    return (needs - {"cls"}) | ({"hidden"} if "cls" in needs else frozenset())
 
 #: Layer weights per cost kind: (student weights (M,), teacher weights (N,)), each on the simplex.
 LayerWeights = dict[str, "tuple[torch.Tensor, torch.Tensor]"]
@@ -126,7 +135,7 @@ class TokenizedSplit:
 class LoadedModel:
     """A model with its tokenizer and a one-line description of where it came from.
 
-    ``features`` are those of ``FEATURES`` its loader can extract from it (a family whose
+    ``features`` are those of ``EXTRACTABLE`` its loader can extract from it (a family whose
     attention scores cannot be captured gives logits and hidden states only); a recipe whose
     stages read more is refused before training, naming the terms.
     """
@@ -138,7 +147,7 @@ class LoadedModel:
     hidden_size: int
     num_heads: int
     vocab_size: int
-    features: frozenset[str] = frozenset(FEATURES)
+    features: frozenset[str] = frozenset(EXTRACTABLE)
     max_length: int | None = None  # the longest input in tokens it takes (position embeddings); None: no limit
     # What a model card says of it, as its loader knows: license, base_model (a hub id), library_name.
     card: dict[str, str] = attrs.Factory(dict)

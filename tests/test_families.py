@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, run_cli
 from kdframe.api import TaskInfo
 from kdframe.recipe import ModelSpec, TeacherSpec
+from kdframe.session import feature_problems, prepare
 
 GLUE = ROOT / "data" / "glue"
 TASK = TaskInfo("pairs", 2, ("accuracy",), "accuracy", labels=("0", "1"))
@@ -169,6 +170,21 @@ def test_a_family_without_attention_capture_runs_what_needs_none(tmp_path, monke
     assert "stages[0].losses.att: 'att' reads attention scores, which the teacher does not give" in refused.stderr
     assert "mpnet, 4 layers" in refused.stderr and "terms that work with these models: " in refused.stderr
     assert "hid" in refused.stderr.split("terms that work with these models: ")[1]
+
+
+def test_cls_vectors_are_read_from_the_hidden_states_a_loader_gives():
+    """PKD's pt reads [CLS] vectors: a loader that declares hidden states (not ``cls``, which a
+    third-party loader written before it need not know) serves it; one without hidden states is
+    refused naming the term."""
+    session = prepare(ROOT / "recipes" / "smoke" / "pkd.toml", [], load_data=False)
+    for loaded in (session.teacher, session.student):
+        loaded.features = frozenset({"logits", "hidden"})
+    assert feature_problems(session) == []
+    session.teacher.features = frozenset({"logits"})
+    problems = feature_problems(session)
+    assert problems and all(p.startswith("stages[0].") for p in problems)
+    assert any(p.startswith("stages[0].losses.pt: 'pt' reads [CLS] vectors, which the teacher does not give")
+               for p in problems)
 
 
 def test_a_capture_adapter_needs_the_mask_its_modules_are_given():

@@ -21,13 +21,13 @@ import torch
 from transformers import BertTokenizer
 
 import kdframe_hf
-from kdframe.api import FEATURES, LoadedModel, ModelError, TaskInfo
+from kdframe.api import EXTRACTABLE, LoadedModel, ModelError, TaskInfo
 from kdframe.plugins import load_plugins
 from kdframe.recipe import ModelSpec, TeacherSpec
 
 TASK = TaskInfo("pairs", 2, ("accuracy",), "accuracy", labels=("0", "1"), label_names=("no", "yes"))
 TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64}
-ALL = frozenset(FEATURES)
+ALL = frozenset(EXTRACTABLE)
 
 
 def load(role: str, spec: Any, teacher: LoadedModel | None = None, task: TaskInfo = TASK,

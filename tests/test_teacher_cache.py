@@ -150,6 +150,37 @@ def test_attention_stored_without_masked_key_columns(smoke):
     assert entry["hidden"].shape == (layers + 1, cache.length, session.teacher.hidden_size)
 
 
+def test_cls_only_entries_keep_one_position_and_give_the_live_cls_vectors(smoke):
+    """A feature set of [CLS] vectors only (PKD's ``pt``): entries hold the first position of every
+    hidden state, unpadded, and every batch of two epochs gets the [CLS] vectors a full live forward
+    gives, with the same D^cls."""
+    from kdframe_costs.matrices import cls_cost
+
+    session, ctx = smoke
+    needs = frozenset({"logits", "cls"})
+    cache, forwarded = new_cache(session, needs=needs)
+    layers, d = session.teacher.num_layers, session.teacher.hidden_size
+    one = collate(session.train, [0], torch.device("cpu"))
+    student = session.host.extract_features("student", session.student, one, needs)
+    assert [h.shape for h in student.hidden] == [(1, 1, session.student.hidden_size)] * (session.student.num_layers + 1)
+    for epoch in (0, 1):
+        for indices in batches(session, 8, epoch):
+            batch = collate(session.train, indices, torch.device("cpu"))
+            got, full = cache.features(indices, batch), live(session, batch)
+            assert [h.shape for h in got.hidden] == [(len(indices), 1, d)] * (layers + 1)
+            want = attrs.evolve(full, hidden=tuple(h[:, :1] for h in full.hidden), attn=None)
+            assert_same_features(got, want)
+            with torch.no_grad():
+                student = session.host.extract_features("student", session.student, batch, ALL)
+                torch.testing.assert_close(cls_cost(student, got, ctx.state["costs.W_h"]),
+                                           cls_cost(student, full, ctx.state["costs.W_h"]), atol=1e-6, rtol=1e-5)
+    assert sum(forwarded) == len(session.train) and cache.length is None  # nothing padded for storage
+    assert {cache.memory[i]["hidden"].shape for i in cache.memory} == {(layers + 1, 1, d)}
+    full_cache, _ = new_cache(session, needs=frozenset({"logits", "hidden"}))
+    full_cache.features([0], one)
+    assert cache.memory[0]["hidden"].numel() * full_cache.length == full_cache.memory[0]["hidden"].numel()
+
+
 @pytest.mark.parametrize(("dtype", "rel"), [("bf16", 2e-2), ("fp16", 2e-3)])
 def test_half_storage_error_is_small(smoke, dtype, rel):
     """bf16 / fp16 storage: values rounded once; loss terms stay within a few 1e-3 (bf16)."""
@@ -222,7 +253,7 @@ def test_key_changes_with_weights_needs_data_and_settings(smoke):
 
     base = key()
     assert key() == base
-    changed = [key(needs=frozenset({"logits"})), key(max_length=64), key(dtype="bf16"), key(precision="bf16"),
+    changed = [key(needs=frozenset({"logits"})), key(needs=frozenset({"logits", "cls"})), key(max_length=64), key(dtype="bf16"), key(precision="bf16"),
                key(split=attrs.evolve(split, table=split.table.slice(0, len(split) - 1)))]
     other = copy.deepcopy(teacher)
     with torch.no_grad():

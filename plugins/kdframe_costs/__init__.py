@@ -74,7 +74,7 @@ def kdframe_register(registry: Registry) -> None:
                  description="hidden states through W_h, sum over the flow of the hid cost")
     registry.add("loss", "emb", params=HiddenParams, needs=("hidden",),
                  description="embedding outputs through W_h, one-to-one MSE")
-    registry.add("loss", "pt", params=NoParams, needs=("hidden",),
+    registry.add("loss", "pt", params=NoParams, needs=("cls",),
                  description="PKD patient loss: normalised [CLS] vectors, sum over the flow of the cls cost")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from kdframe.api import FEATURES, MEMORY_PREFIX, LoadedModel, ModelError, TaskInfo, memory_object
+from kdframe.api import EXTRACTABLE, MEMORY_PREFIX, LoadedModel, ModelError, TaskInfo, memory_object
 from kdframe_hf.capture import capture_route
 from kdframe_hf.sources import hub_offline, is_local, offline_problem, resolve_source
 from kdframe_hf.tokenizer import has_tokenizer, load_tokenizer
@@ -308,7 +308,7 @@ def _set_task(config: PreTrainedConfig, task: TaskInfo) -> None:
 def _loaded(model: PreTrainedModel, tokenizer: Any, origin: str, note: str) -> LoadedModel:
     config = model.config
     # Every family gives logits and hidden states; attention scores only with a capture route.
-    features = frozenset(FEATURES) if capture_route(model) is not None else frozenset(FEATURES) - {"attn"}
+    features = frozenset(EXTRACTABLE) if capture_route(model) is not None else frozenset(EXTRACTABLE) - {"attn"}
     return LoadedModel(model=model, tokenizer=tokenizer, description=f"{origin}: {_shape(config)}{note}",
                        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                        num_heads=config.num_attention_heads, vocab_size=config.vocab_size, features=features,
