@@ -27,7 +27,7 @@ import pluggy
 from kdframe import hookspecs
 from kdframe.errors import PluginError
 from kdframe.registry import Registry
-from kdframe.types import Control, Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit, extracted
+from kdframe.types import Control, Features, LoadedModel, StageContext, TaskInfo, TokenizedSplit, as_needed, extracted
 
 GROUP = "kdframe"
 hookimpl = pluggy.HookimplMarker("kdframe")
@@ -131,10 +131,7 @@ class PluginHost:
                          needs: frozenset[str]) -> Features:
         features = self._first("kdframe_extract_features", f"feature extraction for {loaded.description}",
                                role=role, model=loaded.model, batch=batch, needs=extracted(needs))
-        if "cls" in needs and "hidden" not in needs and features.hidden is not None:
-            # Live features look as cached ones do, so a strategy reading past [CLS] fails either way.
-            features.hidden = tuple(h[:, :1] for h in features.hidden)
-        return features
+        return as_needed(features, needs)
 
     # -- the step -----------------------------------------------------------------------------
     def extra_parameters(self, ctx: StageContext) -> dict[str, Any]:

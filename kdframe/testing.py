@@ -34,7 +34,7 @@ from kdframe.plugins import PluginHost, load_plugins
 from kdframe.recipe import Stage, converter, structure
 from kdframe.registry import Strategy
 from kdframe.step import DistillStep
-from kdframe.types import Features, Selected, StageContext, TaskInfo
+from kdframe.types import Features, Selected, StageContext, TaskInfo, as_needed
 
 Weights = tuple[torch.Tensor, torch.Tensor]
 
@@ -275,10 +275,14 @@ def check_loss_term(host: PluginHost, name: str, params: dict[str, Any] | None =
         student = random_features(m, ctx.student_hidden_size, ctx.student_heads, seed=1, grad=True, num_labels=labels)
         teacher = None if strategy.student_only else random_features(
             n, ctx.teacher_hidden_size, ctx.teacher_heads, seed=2, num_labels=labels)
+        # Shaped as the engine hands them over (a term that reads cls gets the first position only).
+        seen = [None if f is None else as_needed(f, strategy.needs) for f in (student, teacher)]
         try:
-            out = DistillStep(host, ctx).from_features(student, teacher, _batch(labels), {})
+            out = DistillStep(host, ctx).from_features(*seen, _batch(labels), {})
         except PluginError as exc:
             raise AssertionError(f"{where}: {exc}") from None
+        except (IndexError, RuntimeError) as exc:  # e.g. reading past [CLS] when declaring cls
+            raise AssertionError(f"{where}: {type(exc).__name__}: {exc}") from exc
         _expect(set(out.terms) == {name}, f"{where}: expected only the active term, got {sorted(out.terms)}")
         term = out.terms[name]
         _expect(isinstance(term, torch.Tensor) and term.dim() == 0, f"{where}: expected a scalar tensor, got {term!r}")

@@ -27,6 +27,15 @@ def extracted(needs: frozenset[str]) -> frozenset[str]:
     """The features a model is run for to give ``needs``: ``cls`` comes from the hidden states."""
     return (needs - {"cls"}) | ({"hidden"} if "cls" in needs else frozenset())
 
+
+def as_needed(features: Features, needs: frozenset[str]) -> Features:
+    """``features`` as a stage that reads ``needs`` gets them: with ``cls`` but not ``hidden``, each
+    hidden state narrowed to its first position (B, 1, d), as the teacher-feature cache stores it,
+    so a strategy that reads past [CLS] fails whether or not the cache serves the teacher."""
+    if "cls" not in needs or "hidden" in needs or features.hidden is None:
+        return features
+    return attrs.evolve(features, hidden=tuple(h[:, :1] for h in features.hidden))
+
 #: Layer weights per cost kind: (student weights (M,), teacher weights (N,)), each on the simplex.
 LayerWeights = dict[str, "tuple[torch.Tensor, torch.Tensor]"]
 

@@ -184,12 +184,13 @@ def test_weighting_check_catches(make_host, update: Callable, problem: str) -> N
 class InlineLoss:
     """A loss term ``broken`` whose value is ``term(student)``; ``also`` adds terms not asked for."""
 
-    def __init__(self, term: Callable[[Any], torch.Tensor], also: tuple[str, ...] = ()):
-        self.term, self.also = term, also
+    def __init__(self, term: Callable[[Any], torch.Tensor], also: tuple[str, ...] = (),
+                 needs: tuple[str, ...] = ("logits",)):
+        self.term, self.also, self.needs = term, also, needs
 
     @hookimpl
     def kdframe_register(self, registry):
-        registry.add("loss", "broken", needs=("logits",))
+        registry.add("loss", "broken", needs=self.needs)
 
     @hookimpl
     def kdframe_loss_terms(self, student, teacher, costs, flows, batch, ctx):
@@ -205,6 +206,8 @@ class InlineLoss:
     (InlineLoss(lambda s: s.logits.sum() * float("nan")), "non-finite value"),
     (InlineLoss(lambda s: s.logits.sum(), also=("spare",)), r"only the active term, got \['broken', 'spare'\]"),
     (InlineLoss(lambda s: s.logits.sum() * 0), "no gradient reaches the student's features"),
+    # Declares [CLS] vectors only but reads the second token: the engine hands it the first position alone.
+    (InlineLoss(lambda s: s.hidden[-1][:, 1].sum(), needs=("cls",)), "IndexError: index 1 is out of bounds"),
 ])
 def test_loss_check_catches(make_host, loss: InlineLoss, problem: str) -> None:
     with pytest.raises(AssertionError, match=problem):
