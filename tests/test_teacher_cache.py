@@ -328,6 +328,29 @@ def test_kd_ablation_runs_the_teacher_once_per_example(tmp_path, teacher_forward
     assert summary["stages"]["distil"]["teacher_cache"]["key"] == stats["key"]
 
 
+def test_a_pkd_run_stores_cls_vectors_only_and_trains_as_without_the_cache(tmp_path):
+    """PKD reads [CLS] vectors: its disk cache holds (layers + 1, 1, d) per example, and the run's
+    training records match a run without the cache."""
+    pkd = ROOT / "recipes" / "smoke" / "pkd.toml"
+    sets = ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"', f'data.cache_dir="{tmp_path / "c"}"']
+    cached = run(str(pkd), overrides=sets, out=str(tmp_path / "cached"), progress="off").summary
+    stats = cached["stages"]["distil"]["teacher_cache"]
+    assert stats["hits"] == stats["misses"] == 64
+    entry = torch.load(tmp_path / "c" / "teacher-features" / stats["key"] / "0.pt", weights_only=True)
+    assert entry["hidden"].shape == (4 + 1, 1, 32) and set(entry["dtypes"]) == {"logits", "hidden"}
+    run(str(pkd), out=str(tmp_path / "live"), progress="off")
+
+    def records(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if '"distil"' in line]
+
+    for got, want in zip(records("cached"), records("live"), strict=True):
+        assert got.keys() == want.keys()
+        for key in ("loss", "pt", "pred", "hard", "f1"):
+            if key in want:
+                assert math.isclose(got[key], want[key], rel_tol=1e-4), (key, got, want)
+
+
 def test_bf16_smoke_run_with_cache_has_finite_losses(tmp_path):
     """bf16 autocast on the CPU, all four EMD terms, cache on; then an fp32 trainer in the same
     process (ablation cells of both precisions run in one process)."""
