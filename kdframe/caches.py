@@ -56,3 +56,65 @@ def teacher_key(recipe: Recipe, fingerprint: str | None) -> str:
 def teacher_path(recipe: Recipe, fingerprint: str | None) -> Path:
     """The cached fine-tuned teacher's file for this recipe (it may not exist yet)."""
     return cache_root(recipe.data) / "teachers" / f"{teacher_key(recipe, fingerprint)}.pt"
+
+
+# -- what the cache holds (``kdframe cache``) ---------------------------------------------------------
+
+REMOVABLE = ("teachers", "teacher-features")  # what a run recomputes when it is gone; the rest: data plugins'
+
+
+@attrs.frozen
+class CacheEntry:
+    """One thing in the cache: a fine-tuned teacher, one feature set's directory, or a data plugin's
+    top-level directory (kind ``other``). ``used`` is when a run last wrote or opened it."""
+
+    kind: str
+    path: Path
+    bytes: int
+    used: float
+    about: str = ""
+
+
+def mark_used(path: Path) -> None:
+    """Record that a run opened ``path`` (its mtime), so ``kdframe cache`` can tell what is stale;
+    a read-only cache loses nothing by not being marked."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _features_about(directory: Path) -> tuple[str, float]:
+    meta = directory / "key.json"
+    try:
+        parts = json.loads(meta.read_text())
+        used = meta.stat().st_mtime
+    except (OSError, ValueError):
+        return "no key.json", directory.stat().st_mtime
+    examples = sum(1 for f in directory.glob("*.pt") if f.stem.isdigit())
+    task = f"{parts['task']} {parts['split']}, " if "task" in parts else ""
+    return f"{task}{examples} examples, {', '.join(parts.get('needs', []))}, {parts.get('dtype', '?')}", used
+
+
+def cache_inventory(root: Path) -> list[CacheEntry]:
+    """Everything under the cache root, teachers and feature sets one by one, the rest per directory."""
+    entries = []
+    for top in sorted(root.iterdir()):
+        if top.name == "teachers" and top.is_dir():
+            for file in sorted(top.glob("*.pt")):
+                stat = file.stat()
+                shared = f"also linked from {stat.st_nlink - 1} run directories" if stat.st_nlink > 1 else ""
+                entries.append(CacheEntry("teachers", file, stat.st_size, stat.st_mtime, shared))
+        elif top.name == "teacher-features" and top.is_dir():
+            for directory in sorted(d for d in top.iterdir() if d.is_dir()):
+                about, used = _features_about(directory)
+                entries.append(CacheEntry("teacher-features", directory, _size(directory), used, about))
+        else:
+            entries.append(CacheEntry("other", top, _size(top), top.stat().st_mtime))
+    return entries

@@ -74,6 +74,16 @@ def build_parser(plugin_hook: Callable[[argparse.ArgumentParser], None] | None =
     report.add_argument("dir")
     _common(report, overrides=False)
 
+    cache = sub.add_parser("cache", help="list what the cache holds (fine-tuned teachers, teacher features, data),"
+                                         " and remove what runs would recompute")
+    cache.add_argument("--dir", help="the cache root (default $KDFRAME_CACHE, else ~/.cache/kdframe)")
+    cache.add_argument("--remove", action="append", choices=["teachers", "teacher-features"], default=[],
+                       help="remove these entries (a run fine-tunes or computes them again); repeatable")
+    cache.add_argument("--unused-for", type=float, metavar="DAYS",
+                       help="with --remove: only entries no run has written or opened for DAYS days")
+    cache.add_argument("--dry-run", action="store_true", help="with --remove: say what would go, remove nothing")
+    _common(cache, overrides=False)
+
     new_plugin = sub.add_parser("new-plugin", help="scaffold a third-party plugin package")
     new_plugin.add_argument("name")
     new_plugin.add_argument("--out", default=".", help="parent directory of the new package")
@@ -294,6 +304,55 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from kdframe.caches import cache_inventory, cache_root
+    from kdframe.recipe import DataSpec
+
+    if args.unused_for is not None and args.unused_for < 0:
+        raise KdframeError(f"--unused-for: must be >= 0 days, got {args.unused_for:g}")
+    if (args.unused_for is not None or args.dry_run) and not args.remove:
+        raise KdframeError("--unused-for and --dry-run go with --remove teachers|teacher-features")
+    root = Path(args.dir).expanduser() if args.dir else cache_root(DataSpec())
+    if not root.is_dir():
+        if args.dir:
+            raise KdframeError(f"--dir: no cache directory at {root}")
+        print(f"nothing cached yet: {root} does not exist")
+        return 0
+    entries = cache_inventory(root)
+    now = time.time()
+    if not args.remove:
+        print(f"cache {root}: {_bytes(sum(e.bytes for e in entries))}")
+        for kind in ("teachers", "teacher-features", "other"):
+            of_kind = [e for e in entries if e.kind == kind]
+            if of_kind:
+                print(f"{kind}: {len(of_kind)}, {_bytes(sum(e.bytes for e in of_kind))}")
+            for e in of_kind:
+                used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
+                print(f"  {e.path.name}  {_bytes(e.bytes)}  used {used}" + (f"  {e.about}" if e.about else ""))
+        return 0
+    cutoff = now - 86400 * (args.unused_for or 0)
+    chosen = [e for e in entries if e.kind in args.remove and e.used <= cutoff]
+    for e in chosen:
+        if not args.dry_run:
+            shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink()
+        shared = " (still linked from run directories: frees nothing until they go)" if "linked" in e.about else ""
+        print(f"{'would remove' if args.dry_run else 'removed'} {e.kind}/{e.path.name}: {_bytes(e.bytes)}{shared}")
+    print(f"{len(chosen)} entries, {_bytes(sum(e.bytes for e in chosen))}"
+          f"{' would be' if args.dry_run else ''} removed; {len(entries) - len(chosen)} kept")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "validate": cmd_validate,
@@ -303,6 +362,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ablate": cmd_ablate,
     "report": cmd_report,
     "new-plugin": cmd_new_plugin,
+    "cache": cmd_cache,
 }
 
 

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdframe.caches import cache_root
+from kdframe.caches import cache_root, mark_used
 from kdframe.checkpoint import weights_digest
 from kdframe.errors import KdframeWarning
 from kdframe.fileio import atomic_write
@@ -150,8 +150,11 @@ class TeacherCache:
                     self.on_disk.add(int(file.stem))
                     self.bytes += file.stat().st_size
             meta = directory / "key.json"
-            if not meta.exists():
-                atomic_write(meta, lambda f: f.write(json.dumps(parts or {}, indent=2, sort_keys=True).encode()))
+            if meta.exists():
+                mark_used(meta)
+            else:  # the parts, and what they stand for (for kdframe cache; not hashed)
+                about = {**(parts or {}), "task": split.task.name, "split": split.split}
+                atomic_write(meta, lambda f: f.write(json.dumps(about, indent=2, sort_keys=True).encode()))
 
     def stats(self) -> dict[str, Any]:
         """For the stage summary: examples served from the cache (hits) and run through the teacher

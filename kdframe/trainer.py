@@ -20,7 +20,7 @@ import attrs
 import torch
 
 from kdframe import checkpoint
-from kdframe.caches import teacher_path
+from kdframe.caches import mark_used, teacher_path
 from kdframe.checkpoint import Checkpoint, StageProgress, StageState
 from kdframe.errors import Interrupted, RunFailed
 from kdframe.batches import collate, epoch_order
@@ -206,6 +206,7 @@ class Trainer:
             source = recorded.get("source", "this run") if isinstance(recorded, dict) else "this run"
         elif found == "cache":
             teacher.model.load_state_dict(checkpoint.load(cached))
+            mark_used(cached)
             source = f"cache {cached}"
         elif cached is not None:
             generator_state = torch.get_rng_state()

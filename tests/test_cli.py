@@ -160,3 +160,60 @@ def test_a_setting_without_effect_is_warned_about_in_one_line(cli):
             ' softmax\'s T_emd): drop it, or set normalize = "softmax"\n') in warned.stderr
     assert "warning" not in cli("validate", recipe, "--set", 'stages[0].weighting.normalize="softmax"',
                                 "--set", "stages[0].weighting.temperature=2.0").stderr
+
+
+def test_cache_lists_removes_what_no_run_used_and_runs_recompute_it(tmp_path, capsys):
+    """``kdframe cache`` on a real cache (a KD run: a fine-tuned teacher, a logits feature set):
+    entries with what they are; a run marks what it opens as used; --remove --unused-for takes
+    only the stale feature set, --dry-run nothing; the next run computes the features again and
+    still takes the cached teacher."""
+    import json
+    import time
+
+    from kdframe.cli import main
+    from kdframe.library import run
+
+    cache = tmp_path / "cache"
+    kd = str(ROOT / "recipes" / "smoke" / "kd.toml")
+    sets = ["teacher_cache.enabled=true", 'teacher_cache.storage="disk"', f'data.cache_dir="{cache}"']
+    summary = run(kd, overrides=sets, out=str(tmp_path / "a"), progress="off").summary
+    key = summary["stages"]["distil"]["teacher_cache"]["key"]
+    teacher, = (cache / "teachers").glob("*.pt")
+    features = cache / "teacher-features" / key
+    capsys.readouterr()
+
+    def cache_cli(*args):
+        code = main(["cache", "--dir", str(cache), *args])
+        return code, capsys.readouterr()
+
+    code, out = cache_cli()
+    assert code == 0
+    assert f"  {teacher.name}  " in out.out and "also linked from 1 run directories" in out.out
+    assert f"  {key}  " in out.out and "mrpc train, 64 examples, logits, fp32" in out.out
+    month_ago = time.time() - 30 * 86400
+    for path in (teacher, features / "key.json"):
+        os.utime(path, (month_ago, month_ago))
+    run(kd, overrides=[*sets, "seed=2"], out=str(tmp_path / "b"), progress="off")  # opens both: used now
+    code, out = cache_cli("--remove", "teachers", "--remove", "teacher-features", "--unused-for", "7")
+    assert code == 0 and out.out.splitlines()[-1].startswith("0 entries")
+    os.utime(features / "key.json", (month_ago, month_ago))
+    code, out = cache_cli("--remove", "teacher-features", "--unused-for", "7", "--dry-run")
+    assert code == 0 and f"would remove teacher-features/{key}" in out.out and features.is_dir()
+    code, out = cache_cli("--remove", "teacher-features", "--unused-for", "7")
+    assert code == 0 and f"removed teacher-features/{key}" in out.out
+    assert not features.exists() and teacher.exists()
+    summary = run(kd, overrides=[*sets, "seed=3"], out=str(tmp_path / "c"), progress="off").summary
+    assert summary["stages"]["distil"]["teacher_cache"]["misses"] == 64
+    assert json.loads((tmp_path / "c" / "teacher.json").read_text())["source"] == f"cache {teacher}"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dir", "{missing}"], "--dir: no cache directory at "),
+    (["--remove", "teachers", "--unused-for", "-1"], "--unused-for: must be >= 0 days, got -1"),
+    (["--dry-run"], "--unused-for and --dry-run go with --remove"),
+])
+def test_cache_refuses_bad_arguments(tmp_path, capsys, args, message):
+    from kdframe.cli import main
+
+    code = main(["cache", *(a.format(missing=tmp_path / "none") for a in args)])
+    assert code == 2 and capsys.readouterr().err.startswith(f"kdframe: error: {message}")
