@@ -305,11 +305,9 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    """A size in decimal units (as ``du --si``)."""
+    power = min(len(str(max(n, 1))) - 1, 9) // 3
+    return f"{n} B" if power == 0 else f"{n / 1000 ** power:.1f} {('KB', 'MB', 'GB')[power - 1]}"
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
