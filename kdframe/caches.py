@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class CacheEntry:
     bytes: int
     used: float
     about: str = ""
+    links: int = 0  # run directories that hard-link a teacher: removing it frees nothing until they go
 
 
 def mark_used(path: Path) -> None:
@@ -109,8 +111,7 @@ def cache_inventory(root: Path) -> list[CacheEntry]:
         if top.name == "teachers" and top.is_dir():
             for file in sorted(top.glob("*.pt")):
                 stat = file.stat()
-                shared = f"also linked from {stat.st_nlink - 1} run directories" if stat.st_nlink > 1 else ""
-                entries.append(CacheEntry("teachers", file, stat.st_size, stat.st_mtime, shared))
+                entries.append(CacheEntry("teachers", file, stat.st_size, stat.st_mtime, links=stat.st_nlink - 1))
         elif top.name == "teacher-features" and top.is_dir():
             for directory in sorted(d for d in top.iterdir() if d.is_dir()):
                 about, used = _features_about(directory)
@@ -118,3 +119,10 @@ def cache_inventory(root: Path) -> list[CacheEntry]:
         else:
             entries.append(CacheEntry("other", top, _size(top), top.stat().st_mtime))
     return entries
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    if entry.path.is_dir():
+        shutil.rmtree(entry.path)
+    else:
+        entry.path.unlink()

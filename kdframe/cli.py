@@ -311,10 +311,9 @@ def _bytes(n: int) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import shutil
     import time
 
-    from kdframe.caches import cache_inventory, cache_root
+    from kdframe.caches import cache_inventory, cache_root, remove_entry
     from kdframe.recipe import DataSpec
 
     if args.unused_for is not None and args.unused_for < 0:
@@ -337,14 +336,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 print(f"{kind}: {len(of_kind)}, {_bytes(sum(e.bytes for e in of_kind))}")
             for e in of_kind:
                 used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used))
-                print(f"  {e.path.name}  {_bytes(e.bytes)}  used {used}" + (f"  {e.about}" if e.about else ""))
+                about = [e.about] if e.about else []
+                about += [f"also linked from {e.links} run directories"] if e.links else []
+                print("  ".join([f"  {e.path.name}", _bytes(e.bytes), f"used {used}", *about]))
         return 0
     cutoff = now - 86400 * (args.unused_for or 0)
     chosen = [e for e in entries if e.kind in args.remove and e.used <= cutoff]
     for e in chosen:
         if not args.dry_run:
-            shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink()
-        shared = " (still linked from run directories: frees nothing until they go)" if "linked" in e.about else ""
+            remove_entry(e)
+        shared = f" (linked from {e.links} run directories: frees nothing until they go)" if e.links else ""
         print(f"{'would remove' if args.dry_run else 'removed'} {e.kind}/{e.path.name}: {_bytes(e.bytes)}{shared}")
     print(f"{len(chosen)} entries, {_bytes(sum(e.bytes for e in chosen))}"
           f"{' would be' if args.dry_run else ''} removed; {len(entries) - len(chosen)} kept")
