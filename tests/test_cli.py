@@ -190,6 +190,7 @@ def test_cache_lists_removes_what_no_run_used_and_runs_recompute_it(tmp_path, ca
     assert code == 0
     assert f"  {teacher.name}  " in out.out and "also linked from 1 run directories" in out.out
     assert f"  {key}  " in out.out and "mrpc train, 64 examples, logits, fp32" in out.out
+    assert "\nother: " in out.out and "\n  tokens  " in out.out  # data plugins' directories: listed, not removable
     month_ago = time.time() - 30 * 86400
     for path in (teacher, features / "key.json"):
         os.utime(path, (month_ago, month_ago))
