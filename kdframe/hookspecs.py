@@ -48,7 +48,7 @@ def kdframe_register(registry: Registry) -> None:
         @hookimpl
         def kdframe_register(registry):
             registry.add("mapping", "sinkhorn", params=SinkhornParams, description="entropic OT")
-            registry.add("loss", "cos", needs=("hidden",), description="cosine of [CLS] vectors")
+            registry.add("loss", "cos", needs=("cls",), description="cosine of [CLS] vectors")
             registry.add_data_source("sick", params=SickParams, description="the SICK corpus")
             registry.add_task(TaskInfo("sick", 3, ("accuracy",), "accuracy"), source="sick")
     """
