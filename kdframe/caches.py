@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -61,9 +62,6 @@ def teacher_path(recipe: Recipe, fingerprint: str | None) -> Path:
 
 # -- what the cache holds (``kdframe cache``) ---------------------------------------------------------
 
-REMOVABLE = ("teachers", "teacher-features")  # what a run recomputes when it is gone; the rest: data plugins'
-
-
 @attrs.frozen
 class CacheEntry:
     """One thing in the cache: a fine-tuned teacher, one feature set's directory, or a data plugin's
@@ -87,9 +85,16 @@ def mark_used(path: Path) -> None:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    """Bytes of the regular files at or under ``path``; one that a running run renames or removes
+    meanwhile (a feature file's temp name) is skipped, not an error."""
+    total = 0
+    for file in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        try:
+            info = file.lstat()
+        except FileNotFoundError:
+            continue
+        total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return total
 
 
 def _features_about(directory: Path) -> tuple[str, float]:
@@ -110,8 +115,8 @@ def cache_inventory(root: Path) -> list[CacheEntry]:
     for top in sorted(root.iterdir()):
         if top.name == "teachers" and top.is_dir():
             for file in sorted(top.glob("*.pt")):
-                stat = file.stat()
-                entries.append(CacheEntry("teachers", file, stat.st_size, stat.st_mtime, links=stat.st_nlink - 1))
+                info = file.stat()
+                entries.append(CacheEntry("teachers", file, info.st_size, info.st_mtime, links=info.st_nlink - 1))
         elif top.name == "teacher-features" and top.is_dir():
             for directory in sorted(d for d in top.iterdir() if d.is_dir()):
                 about, used = _features_about(directory)

@@ -218,3 +218,30 @@ def test_cache_refuses_bad_arguments(tmp_path, capsys, args, message):
 
     code = main(["cache", *(a.format(missing=tmp_path / "none") for a in args)])
     assert code == 2 and capsys.readouterr().err.startswith(f"kdframe: error: {message}")
+
+
+def test_cache_listing_survives_a_file_that_vanishes_while_listed(tmp_path, monkeypatch):
+    """A running run renames its feature files' temp names while ``kdframe cache`` walks them."""
+    from pathlib import Path
+
+    from kdframe.caches import cache_inventory
+
+    features = tmp_path / "teacher-features" / "k"
+    features.mkdir(parents=True)
+    (features / "0.pt").write_bytes(b"x" * 10)
+    (features / "1.pt.tmp").write_bytes(b"x" * 5)
+    looks = []
+
+    def gone_after_one_look(original):
+        def look(path, *args, **kwargs):
+            if path.name.endswith(".tmp"):
+                looks.append(path)
+                if len(looks) > 1:  # renamed away after the first look at it
+                    raise FileNotFoundError(2, "No such file or directory", str(path))
+            return original(path, *args, **kwargs)
+        return look
+
+    monkeypatch.setattr(Path, "stat", gone_after_one_look(Path.stat))
+    monkeypatch.setattr(Path, "lstat", gone_after_one_look(Path.lstat))
+    entry, = cache_inventory(tmp_path)
+    assert (entry.kind, entry.bytes, entry.about) == ("teacher-features", 15, "no key.json")
