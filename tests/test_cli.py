@@ -244,4 +244,4 @@ def test_cache_listing_survives_a_file_that_vanishes_while_listed(tmp_path, monk
     monkeypatch.setattr(Path, "stat", gone_after_one_look(Path.stat))
     monkeypatch.setattr(Path, "lstat", gone_after_one_look(Path.lstat))
     entry, = cache_inventory(tmp_path)
-    assert (entry.kind, entry.bytes, entry.about) == ("teacher-features", 15, "no key.json")
+    assert (entry.kind, entry.bytes, entry.about) == ("teacher-features", 10, "no key.json") and len(looks) > 1
