@@ -84,6 +84,19 @@ def mark_used(path: Path) -> None:
         pass
 
 
+def stored_examples(directory: Path) -> dict[int, int]:
+    """A teacher-feature directory's example files, ``<index>.pt``: index -> bytes. One removed
+    meanwhile (``kdframe cache --remove`` beside a run) is left out, not an error."""
+    stored = {}
+    for file in directory.glob("*.pt"):
+        if file.stem.isdigit():
+            try:
+                stored[int(file.stem)] = file.stat().st_size
+            except FileNotFoundError:
+                continue
+    return stored
+
+
 def _size(path: Path) -> int:
     """Bytes of the regular files at or under ``path``; one that a running run renames or removes
     meanwhile (a feature file's temp name) is skipped, not an error."""
@@ -104,9 +117,8 @@ def _features_about(directory: Path) -> tuple[str, float]:
         used = meta.stat().st_mtime
     except (OSError, ValueError):
         return "no key.json", directory.stat().st_mtime
-    examples = sum(1 for f in directory.glob("*.pt") if f.stem.isdigit())
     task = f"{parts['task']} {parts['split']}, " if "task" in parts else ""
-    return f"{task}{examples} examples, {', '.join(parts.get('needs', []))}, {parts.get('dtype', '?')}", used
+    return f"{task}{len(stored_examples(directory))} examples, {', '.join(parts.get('needs', []))}, {parts.get('dtype', '?')}", used
 
 
 def cache_inventory(root: Path) -> list[CacheEntry]:

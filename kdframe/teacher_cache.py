@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdframe.caches import cache_root, mark_used
+from kdframe.caches import cache_root, mark_used, stored_examples
 from kdframe.checkpoint import weights_digest
 from kdframe.errors import KdframeWarning
 from kdframe.fileio import atomic_write
@@ -145,10 +145,8 @@ class TeacherCache:
         self.hits = self.misses = 0
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-            for file in directory.glob("*.pt"):
-                if file.stem.isdigit():
-                    self.on_disk.add(int(file.stem))
-                    self.bytes += file.stat().st_size
+            stored = stored_examples(directory)
+            self.on_disk, self.bytes = set(stored), sum(stored.values())
             meta = directory / "key.json"
             if meta.exists():
                 mark_used(meta)
