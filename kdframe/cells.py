@@ -71,7 +71,8 @@ def run_cell(cell: Cell, root: str, progress: str, plugins: list[str]) -> dict[s
         _in_cell.clear()
     metric = summary["main_metric"]
     student = summary["student"]
-    return {"status": "done", "error": None, "wall_time_s": round(time.monotonic() - started, 2),
+    # The run's own clock: a resumed cell's time includes its sessions before the interruption.
+    return {"status": "done", "error": None, "wall_time_s": summary["wall_time_s"],
             "main_metric": metric, "best": (student["best"] or {}).get(metric),
             "final": (student["final"] or {}).get(metric), "resumed": resume is not None}
 

@@ -114,6 +114,9 @@ def test_killed_ablation_resumes_without_redoing_done_cells(tmp_path, tmp_path_f
     assert result.returncode == 0, result.stderr
     assert "resuming from its checkpoint" in result.stderr
     assert {c["status"] for c in state_of(out)["cells"]} == {"done"}
+    # A cell's time is its run's, across the kill: the resumed cell's counts its first session too.
+    for cell in state_of(out)["cells"]:
+        assert cell["wall_time_s"] == json.loads((out / cell["dir"] / "summary.json").read_text())["wall_time_s"]
     assert {d: (out / d / "summary.json").stat().st_mtime_ns for d in stamps} == stamps
     assert not junk.exists()
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
