@@ -40,9 +40,10 @@ none) use the free processes.
 that died before its first checkpoint (or failed before training) from scratch.
 
 Several machines: ``--on ray`` runs the cells as tasks on a Ray cluster (kdframe.ablate_ray; the
-same order, state file and resume). Without a cluster, running ``kdframe ablate GRID --out SHARED
---resume`` on two machines at once is NOT safe: both would take the same pending cells and
-overwrite each other's state file. Shard the grid instead: ``--shard I/N`` runs only the cells
+same order, state file and resume). One process runs an ablation: it holds a lock on its state
+file, and a second ``kdframe ablate`` on the same ``--out`` is refused (exit 2) while it runs (on a
+shared filesystem without ``flock``, two machines would take the same pending cells and overwrite
+each other's state file). Without a cluster, shard the grid: ``--shard I/N`` runs only the cells
 with index % N == I and keeps its state in ``ablation.shard-I-of-N.json``. Shards write disjoint
 cell directories, so they can share one directory on a shared filesystem, or run in separate ones
 copied together afterwards; ``kdframe report DIR`` reads every state file it finds. Point
@@ -65,6 +66,7 @@ from typing import Any, Callable
 from kdframe.cells import CellExecutor, run_cell, stop_cell_on_signal, stop_when_orphaned
 from kdframe.checkpoint import has_checkpoint
 from kdframe.errors import Interrupted, KdframeError
+from kdframe.fileio import exclusive_use
 from kdframe.grid import STATE, Cell, Grid, cell_label, grid_cells, load_grid, parse_shard, state_file_name
 from kdframe.invocation import kdframe_command
 from kdframe.plugins import PluginHost
@@ -91,14 +93,28 @@ class State:
         cell.update(fields)
         RunDir(self.root).write_json(self.name, self.data)
 
-    @classmethod
-    def open(cls, root: Path, name: str, resume: bool, header: dict[str, Any], cells: list[Cell]) -> "State":
-        path = root / name
+    @staticmethod
+    def claim(root: Path, name: str, resume: bool) -> None:
+        """Check that ``root`` can hold the ablation (``name`` its state file) and create it."""
         if root.exists() and not root.is_dir():
             raise KdframeError(f"--out {root} is a file; give a directory for the ablation")
         if resume:
-            if not path.is_file():
+            if not (root / name).is_file():
                 raise KdframeError(f"--resume: {root} holds no {name}; start the ablation without --resume")
+        elif (root / name).exists() or (name == STATE and root.exists() and any(root.iterdir())):
+            # Shards may share a directory, so for them only their own state file counts.
+            raise KdframeError(f"--out {root} is not empty; add --resume to continue the ablation there,"
+                               " or choose another --out")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KdframeError(f"cannot create ablation directory {root}: {exc.strerror}") from None
+
+    @classmethod
+    def open(cls, root: Path, name: str, resume: bool, header: dict[str, Any], cells: list[Cell]) -> "State":
+        """The claimed directory's state: the stored one merged into ``cells`` when resuming."""
+        path = root / name
+        if resume:
             try:
                 stored = {cell_label(c): c for c in json.loads(path.read_text())["cells"]}
             except (ValueError, KeyError, TypeError) as exc:
@@ -114,14 +130,6 @@ class State:
             if changed:
                 raise KdframeError(f"--resume {root}: the grid changed the recipe or overrides of {', '.join(changed)};"
                                    " restore the grid or use a new --out")
-        elif path.exists() or (name == STATE and root.exists() and any(root.iterdir())):
-            # Shards may share a directory, so for them only their own state file counts.
-            raise KdframeError(f"--out {root} is not empty; add --resume to continue the ablation there,"
-                               " or choose another --out")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KdframeError(f"cannot create ablation directory {root}: {exc.strerror}") from None
         state = cls(root, name, {**header, "cells": cells})
         RunDir(root).write_json(name, state.data)
         return state
@@ -397,37 +405,41 @@ def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progr
     root = Path(out) if out else Path("runs") / f"ablation-{grid.name}"
     cluster = _join_ray(ray_address, root, grid, cells) if on == "ray" else None
     header = {"grid": str(path.resolve()), "name": grid.name, "shard": shard}
-    state = State.open(root, state_file_name(shard), resume, header, cells)
+    name = state_file_name(shard)
+    State.claim(root, name, resume)
+    # One process per state file: a second `ablate --resume` would start the same cells again.
+    with exclusive_use(root / f".{name}.lock"):
+        state = State.open(root, name, resume, header, cells)
 
-    console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per event, also in log files
-    ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
-    todo = [c for c in state.cells if c["status"] != "done"]
-    where = f" on Ray ({_cluster_size(cluster)})" if cluster else ""
-    ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run{where}, in {root.resolve()}")
-    # A process started as a shell's background job inherits SIGINT ignored, and Python then raises
-    # no KeyboardInterrupt: on Ray, whose workers do not share the driver's process group, the grid
-    # would go on. The driver asks for it, as `kdframe run`'s trainer installs its own handler.
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, ablation.terminated),
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    try:
-        if cluster is not None:
-            finished = ablation.run_ray(cluster, grid, todo)
-        else:
-            finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if not finished:
-        again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
-                 *(["--shard", shard] if shard else []), *(["--on", "ray"] if cluster else []),
-                 *(["--ray-address", ray_address] if ray_address else [])]
-        code = ablation.terminated.exit_code if ablation.terminated.received else ablation.exit_code
-        raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}", code)
-    for written in write_report(root):
-        ablation.say(f"wrote {written}")
-    failed = [cell_label(c) for c in state.cells if c["status"] == "failed"]
-    if failed:
-        console.print(f"kdframe: {len(failed)} of {len(state.cells)} cells failed: {', '.join(failed)}"
-                      f" (errors in {root / state.name})")
-        return 1
-    return 0
+        console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per event, also in log files
+        ablation = Ablation(state, progress, plugins, console.print if progress != "off" else lambda text: None)
+        todo = [c for c in state.cells if c["status"] != "done"]
+        where = f" on Ray ({_cluster_size(cluster)})" if cluster else ""
+        ablation.say(f"{path.name}: {len(state.cells)} cells, {len(todo)} to run{where}, in {root.resolve()}")
+        # A process started as a shell's background job inherits SIGINT ignored, and Python then raises
+        # no KeyboardInterrupt: on Ray, whose workers do not share the driver's process group, the grid
+        # would go on. The driver asks for it, as `kdframe run`'s trainer installs its own handler.
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, ablation.terminated),
+                    signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+        try:
+            if cluster is not None:
+                finished = ablation.run_ray(cluster, grid, todo)
+            else:
+                finished = ablation.run_parallel(todo, jobs) if jobs > 1 and todo else ablation.run_serial(todo)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if not finished:
+            again = [*kdframe_command(), "ablate", grid_path, "--out", str(root), "--resume",
+                     *(["--shard", shard] if shard else []), *(["--on", "ray"] if cluster else []),
+                     *(["--ray-address", ray_address] if ray_address else [])]
+            code = ablation.terminated.exit_code if ablation.terminated.received else ablation.exit_code
+            raise Interrupted(f"ablation interrupted; continue with: {shlex.join(again)}", code)
+        for written in write_report(root):
+            ablation.say(f"wrote {written}")
+        failed = [cell_label(c) for c in state.cells if c["status"] == "failed"]
+        if failed:
+            console.print(f"kdframe: {len(failed)} of {len(state.cells)} cells failed: {', '.join(failed)}"
+                          f" (errors in {root / state.name})")
+            return 1
+        return 0

@@ -7,12 +7,20 @@ the next run after a kill) sees the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from kdframe.errors import KdframeError
 
 
 class _Writes:
@@ -82,6 +90,46 @@ def atomic_link(source: Path, path: Path) -> bool:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+@contextmanager
+def exclusive_use(lock: Path) -> Iterator[None]:
+    """Hold ``lock`` (a file in the directory this process writes) for the duration: a second kdframe
+    process on the same run or ablation directory (two ``--resume`` of one run, say) would
+    interleave its checkpoints and state files with this one's, so it is refused (exit 2), naming
+    the holder. An flock, which the kernel releases when its holder exits or is killed, so that no
+    stale lock outlives a crash. The holder removes the file while still holding it; a newcomer
+    that locked the removed file sees it is no longer at ``lock`` and takes the new one.
+    """
+    while True:
+        handle = open(lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "its pid is not recorded yet"
+            handle.close()
+            raise KdframeError(f"{lock.parent} is in use by another kdframe process ({holder}): two processes would"
+                               " overwrite each other's checkpoints and state there; wait for it to end, or stop it"
+                               " (on SIGTERM or Ctrl-C it checkpoints) and resume") from None
+        try:
+            held = os.stat(lock)
+        except FileNotFoundError:
+            held = None
+        opened = os.fstat(handle.fileno())
+        if held is not None and (held.st_dev, held.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}:"
+                     f" {shlex.join(sys.argv)}\n")
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def read_json(path: Path) -> Any:

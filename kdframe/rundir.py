@@ -21,6 +21,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"  # train records and dev evaluations, one JSON object per line
 LAYER_WEIGHTS = "layer_weights.jsonl"  # layer weights and flows per cost kind, every log_every steps
 PROGRESS = "progress.json"  # kdframe.progress: the current stage's step, rewritten as it trains
+RUN_LOCK = ".kdframe.lock"  # held by the process writing the run (kdframe.fileio.exclusive_use)
 TEACHER_SOURCE = "teacher.json"  # where teacher.pt came from (cache, fine-tuned, as loaded): kept for resumes
 #: The stage key of the teacher's fine-tuning in logs, checkpoints and best-*.pt (never a student stage's name).
 TEACHER = "teacher"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import attrs
 from kdframe import card, checkpoint
 from kdframe.caches import cache_root, check_writable, teacher_path
 from kdframe.errors import KdframeError, RunFailed
+from kdframe.fileio import exclusive_use
 from kdframe.plan import plan
 from kdframe.progress import Progress
 from kdframe.plugins import PluginHost
 from kdframe.recipe import RecipeSource, load_recipe, to_plain
-from kdframe.rundir import PROGRESS, RECIPE, SUMMARY, RunDir
+from kdframe.rundir import PROGRESS, RECIPE, RUN_LOCK, SUMMARY, RunDir
 from kdframe.session import Session, prepare
 from kdframe.tracking import Trackers
 from kdframe.trainer import Trainer
@@ -86,16 +88,18 @@ def start_run(source: RecipeSource, overrides: list[str], host: PluginHost, out:
         run_dir = RunDir(path)
     run_dir.writes = trainer.is_main
     trainer.run_dir = run_dir
-    if trainer.is_main:
-        trainer.progress.status_file = run_dir.path / PROGRESS
-    run_dir.write_env(session.recipe.seed, str(trainer.device), [attrs.asdict(info) for info in session.host.infos])
-    trainer.progress.message(f"run directory: {run_dir.path.resolve()}")
-    tracking = session.recipe.tracking
-    trainer.trackers = Trackers.open(tracking, tracking.project or session.recipe.name,
-                                     tracking.run_name or run_dir.path.resolve().name,
-                                     Path(tracking.dir) if tracking.dir else run_dir.path / "tracking",
-                                     to_plain(session.recipe), trainer.is_main)
-    return trainer.run(resume=bool(resume)), session, run_dir.path
+    # Only the main process writes the directory, so only it holds the lock against other runs.
+    with exclusive_use(run_dir.path / RUN_LOCK) if trainer.is_main else nullcontext():
+        if trainer.is_main:
+            trainer.progress.status_file = run_dir.path / PROGRESS
+        run_dir.write_env(session.recipe.seed, str(trainer.device), [attrs.asdict(info) for info in session.host.infos])
+        trainer.progress.message(f"run directory: {run_dir.path.resolve()}")
+        tracking = session.recipe.tracking
+        trainer.trackers = Trackers.open(tracking, tracking.project or session.recipe.name,
+                                         tracking.run_name or run_dir.path.resolve().name,
+                                         Path(tracking.dir) if tracking.dir else run_dir.path / "tracking",
+                                         to_plain(session.recipe), trainer.is_main)
+        return trainer.run(resume=bool(resume)), session, run_dir.path
 
 
 def export(run_path: str | Path, out_dir: str, plugin_args: list[str] = (), push_to_hub: str | None = None,

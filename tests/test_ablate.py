@@ -80,6 +80,37 @@ def test_report_on_a_single_run_dir(smoke_ablation):
     assert "layer_weights.png" in {p.name for p in write_report(partial)}
 
 
+def test_an_ablation_in_use_is_refused_and_freed_when_its_holder_dies(tmp_path, tmp_path_factory, monkeypatch,
+                                                                       capsys):
+    """Two `ablate --resume` on one directory would start the same cells twice and overwrite each
+    other's state file: the second is refused (exit 2, naming the first's pid) and changes
+    nothing; once the first is killed, the ablation resumes."""
+    grid = write_grid(tmp_path / "grid.toml", {"emd": []}, seeds=(1,))
+    out = tmp_path / "out"
+    monkeypatch.setenv("KDFRAME_ROBUST_SLOW", "5")
+    process = start_ablation(grid, out, tmp_path_factory, "--progress", "off", "-p", "kdframe_robust_slow",
+                             stderr=subprocess.PIPE)
+    cell = out / "cells" / "mrpc" / "emd" / "seed1"
+    try:
+        deadline = time.monotonic() + 120
+        while not (cell / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None, process.stderr.read()
+        state = (out / "ablation.json").read_bytes()
+        assert main(["ablate", str(grid), "--out", str(out), "--resume"]) == 2
+        assert process.poll() is None  # it was still running while the second was refused
+        assert (out / "ablation.json").read_bytes() == state
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert f"{out} is in use by another kdframe process (pid {process.pid} on " in capsys.readouterr().err
+    monkeypatch.delenv("KDFRAME_ROBUST_SLOW")
+    result = run_cli("ablate", str(grid), "--out", str(out), "--resume", "--progress", "plain",
+                     env=cli_env(tmp_path_factory))
+    assert result.returncode == 0, result.stderr
+    assert "resuming from its checkpoint" in result.stderr and state_of(out)["cells"][0]["status"] == "done"
+
+
 def test_killed_ablation_resumes_without_redoing_done_cells(tmp_path, tmp_path_factory, capsys):
     grid = write_grid(tmp_path / "grid.toml", {"emd": [], "kd": [f'recipe = "{RECIPES / "smoke" / "kd.toml"}"']})
     out = tmp_path / "out"

@@ -217,6 +217,63 @@ def test_resume_refuses_a_run_of_another_recipe(reference_run):
     assert "different recipe" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_run_directory_in_use_is_refused_and_freed_when_its_holder_dies(tmp_path):
+    """Two processes on one run would interleave checkpoints and logs: while a run trains, a
+    second one there is refused (exit 2, naming the first's pid); once the first is killed (no
+    chance to clean up), the directory is free and resumes."""
+    import signal
+    import time
+
+    from conftest import FIXTURES
+
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "kdframe.cli", "run", SMOKE, "--out", str(run_dir),
+                              "--progress", "off", "-p", "kdframe_robust_slow"], cwd=ROOT, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(FIXTURES), "KDFRAME_ROBUST_SLOW": "5"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, first.stderr.read()
+        second = run_cli("run", SMOKE, "--resume", str(run_dir), "--progress", "off")
+        assert first.poll() is None  # it was still training while the second was refused
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"{run_dir} is in use by another kdframe process (pid {first.pid} on " in second.stderr
+    assert "--progress off -p kdframe_robust_slow" in second.stderr  # the holder's command line
+    resumed = run_cli("run", SMOKE, "--resume", str(run_dir), "--progress", "off")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_lock_file_removed_by_its_ending_holder_is_not_held_by_the_next(tmp_path, monkeypatch):
+    """The race removing the lock file leaves: a newcomer opens it, the holder ends (removes it,
+    releases it), the newcomer locks the removed file. It must take the file now at the path
+    instead, or a third process could lock that one and run beside it."""
+    import fcntl
+
+    from kdframe import fileio
+
+    lock = tmp_path / ".kdframe.lock"
+    holder = fileio.exclusive_use(lock)
+    holder.__enter__()
+    lock_file = fcntl.flock
+    ended = []
+
+    def flock_once_the_holder_ended(handle, operation):
+        if not ended:  # between the newcomer's open and its flock
+            ended.append(holder.__exit__(None, None, None))
+        return lock_file(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_once_the_holder_ended)
+    with fileio.exclusive_use(lock):
+        assert ended and f"pid {os.getpid()} on " in lock.read_text()
+        with open(lock) as third, pytest.raises(BlockingIOError):
+            lock_file(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not lock.exists()
+
+
 def test_out_on_a_non_empty_run_directory_is_refused(reference_run):
     result = run_cli("run", SMOKE, "--out", str(reference_run), "--progress", "off")
     assert result.returncode == 2 and "use --resume" in result.stderr
