@@ -119,17 +119,23 @@ class State:
                 stored = {cell_label(c): c for c in json.loads(path.read_text())["cells"]}
             except (ValueError, KeyError, TypeError) as exc:
                 raise KdframeError(f"{path} cannot be read ({exc})") from None
-            changed = []
+            changed, redefined = [], []
             for cell in cells:
                 old = stored.get(cell_label(cell))
                 if old is None:
                     continue  # a cell added to the grid since: it starts as pending
-                if (old["recipe"], old["overrides"]) != (cell["recipe"], cell["overrides"]):
-                    changed.append(cell_label(cell))
-                cell.update(old)  # its status and outcome so far
+                if (old["recipe"], old["overrides"]) == (cell["recipe"], cell["overrides"]):
+                    cell.update(old)  # its status and outcome so far
+                elif old["status"] == "done" or (old["status"] != "failed"
+                                                  and has_checkpoint(root / old["dir"] / CHECKPOINT)):
+                    changed.append(cell_label(cell))  # a result, or training to continue, of the old recipe
+                else:
+                    redefined.append(cell)  # failed, or stopped before its first checkpoint: it starts anew
             if changed:
-                raise KdframeError(f"--resume {root}: the grid changed the recipe or overrides of {', '.join(changed)};"
-                                   " restore the grid or use a new --out")
+                raise KdframeError(f"--resume {root}: the grid changed the recipe or overrides of {', '.join(changed)},"
+                                   " which are done or have a checkpoint; restore the grid or use a new --out")
+            for cell in redefined:
+                shutil.rmtree(root / cell["dir"], ignore_errors=True)
         state = cls(root, name, {**header, "cells": cells})
         RunDir(root).write_json(name, state.data)
         return state
@@ -150,19 +156,17 @@ def _outcome_line(cell: Cell) -> str:
 
 
 def _teacher_to_cache(cell: Cell, host: PluginHost) -> Path | None:
-    """The cached-teacher file this cell would fine-tune and write, if any."""
+    """The cached-teacher file this cell would fine-tune, if any. Raises KdframeError for the bad
+    input its recipe shows before models load: what ``kdframe run`` checks first, and the data
+    files where it fine-tunes a teacher (the cache key reads them)."""
     from kdframe.caches import teacher_path
-    from kdframe.recipe import load_recipe
+    from kdframe.session import check_recipe
 
-    try:
-        loaded = load_recipe(cell["recipe"], cell["overrides"], host.registry)
-        recipe = loaded.recipe
-        if (loaded.problems or recipe.teacher.train is None
-                or not any(s.needs_teacher(host.registry) for s in loaded.stages)):
-            return None
-        return teacher_path(recipe, host.data_fingerprint(recipe.data))
-    except KdframeError:
-        return None  # the cell fails when it runs, and is recorded like any failure
+    loaded = check_recipe(cell["recipe"], cell["overrides"], host)
+    recipe = loaded.recipe
+    if recipe.teacher.train is None or not any(s.needs_teacher(host.registry) for s in loaded.stages):
+        return None
+    return teacher_path(recipe, host.data_fingerprint(recipe.data))
 
 
 def _init_worker(threads: int) -> None:
@@ -235,7 +239,24 @@ class Ablation:
         eta = f", stage ends in ~{(total - step) / rate / 60:.0f} min" if rate else ""
         return f"{line}{info} ({rate:.2f} steps/s{eta})"
 
+    def plan(self, todo: list[Cell]) -> tuple[list[Cell], dict[int, Path | None]]:
+        """The cells that can run, and the cached-teacher file each would fine-tune. A cell whose
+        recipe shows bad input is recorded as failed at once, so that a typo in one task's
+        overrides shows in the first lines, not when that task's turn comes hours later; the rest
+        of the grid runs, as it would have."""
+        from kdframe.plugins import load_plugins
+
+        host = load_plugins(self.plugins)
+        teachers: dict[int, Path | None] = {}
+        for cell in todo:
+            try:
+                teachers[id(cell)] = _teacher_to_cache(cell, host)
+            except KdframeError as exc:
+                self.finish(cell, {"status": "failed", "error": str(exc), "wall_time_s": None})
+        return [c for c in todo if id(c) in teachers], teachers
+
     def run_serial(self, todo: list[Cell]) -> bool:
+        todo, _ = self.plan(todo)
         for cell in todo:
             self.start(cell)
             if not self.finish(cell, run_cell(cell, str(self.state.root), self.progress, self.plugins)):
@@ -243,18 +264,19 @@ class Ablation:
         return True
 
     def run_parallel(self, todo: list[Cell], jobs: int) -> bool:
-        order, teachers = teachers_first(todo, self.plugins)
+        todo, teachers = self.plan(todo)
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
             return self._drain(ProcessCells(pool, jobs, str(self.state.root), self.plugins, self.terminated),
-                               order, teachers)
+                               teachers_first(todo, teachers), teachers)
 
     def run_ray(self, ray: Any, grid: Grid, todo: list[Cell]) -> bool:
         from kdframe.ablate_ray import RayCells
 
-        order, teachers = teachers_first(todo, self.plugins)
-        return self._drain(RayCells(ray, grid, str(self.state.root.resolve()), self.plugins, todo), order, teachers)
+        todo, teachers = self.plan(todo)
+        return self._drain(RayCells(ray, grid, str(self.state.root.resolve()), self.plugins, todo),
+                           teachers_first(todo, teachers), teachers)
 
     def _drain(self, executor: "CellExecutor", cells: list[Cell], teachers: dict[int, Path | None]) -> bool:
         """Keep up to ``executor.capacity`` cells running; after Ctrl-C let the running ones
@@ -363,23 +385,16 @@ class ProcessCells(CellExecutor):
                 worker.terminate()  # SIGTERM: a training cell checkpoints and stops
 
 
-def teachers_first(todo: list[Cell], plugins: list[str]) -> tuple[list[Cell], dict[int, Path | None]]:
-    """The cells in the order to start them, and the cached-teacher file each would fine-tune.
-
-    One cell per uncached teacher goes first and fine-tunes it; cells that need a teacher still
-    being fine-tuned wait for it, and cells that do not fill the free processes meanwhile.
-    """
-    from kdframe.plugins import load_plugins
-
-    host = load_plugins(plugins)
-    teachers = {id(c): _teacher_to_cache(c, host) for c in todo}
+def teachers_first(todo: list[Cell], teachers: dict[int, Path | None]) -> list[Cell]:
+    """The cells in the order to start them: one cell per uncached teacher goes first and
+    fine-tunes it; cells that need a teacher still being fine-tuned wait for it, and cells that do
+    not fill the free processes meanwhile."""
     first: dict[Path, Cell] = {}
     for cell in todo:
         target = teachers[id(cell)]
         if target is not None and not target.exists():
             first.setdefault(target, cell)
-    order = list(first.values()) + [c for c in todo if all(c is not f for f in first.values())]
-    return order, teachers
+    return list(first.values()) + [c for c in todo if all(c is not f for f in first.values())]
 
 
 def run_ablation(grid_path: str, out: str | None, resume: bool, jobs: int, progress: str,

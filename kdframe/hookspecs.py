@@ -134,7 +134,8 @@ def kdframe_data_fingerprint(data: Any) -> str | None:
     stale one. Without an answer the key uses the ``[data]`` section as written, paths included.
 
     Called: when a run needs a fine-tuned teacher (before looking in the teacher cache), and when
-    ``kdframe ablate --jobs`` plans which cells fine-tune a teacher.
+    ``kdframe ablate`` plans which cells fine-tune a teacher (a KdframeError raised here, say for a
+    missing file, fails that cell before any cell starts).
 
     Example::
 

@@ -14,7 +14,7 @@ import attrs
 from kdframe.caches import cache_root, check_writable
 from kdframe.errors import RecipeError
 from kdframe.plugins import PluginHost, load_plugins
-from kdframe.recipe import Recipe, RecipeSource, ResolvedStage, load_recipe, recipe_origin, to_plain
+from kdframe.recipe import LoadedRecipe, Recipe, RecipeSource, ResolvedStage, load_recipe, recipe_origin, to_plain
 from kdframe.rundir import recipe_toml
 from kdframe.types import LoadedModel, TaskInfo, TokenizedSplit, extracted
 
@@ -42,11 +42,9 @@ class Session:
         return recipe_toml(to_plain(self.recipe))
 
 
-def prepare(source: RecipeSource, overrides: list[str] = (), plugin_args: list[str] = (),
-            load_data: bool = True, host: PluginHost | None = None) -> Session:
-    """Load plugins (unless ``host`` is given), the recipe (a file or a dict), models and data;
-    every problem is bad input."""
-    host = host or load_plugins(plugin_args)
+def check_recipe(source: RecipeSource, overrides: list[str], host: PluginHost) -> LoadedRecipe:
+    """The recipe with ``overrides`` applied, checked as far as it can be without loading models
+    or data (structure, plugins' checks, the device); its problems raise one RecipeError."""
     loaded = load_recipe(source, list(overrides), host.registry)
     recipe, problems = loaded.recipe, list(loaded.problems)
     problems += host.validate_recipe(recipe)
@@ -56,6 +54,16 @@ def prepare(source: RecipeSource, overrides: list[str] = (), plugin_args: list[s
         problems += [problem for problem, needed in needs_cuda.items() if needed]
     if problems:
         raise RecipeError(problems, source=recipe_origin(source))
+    return loaded
+
+
+def prepare(source: RecipeSource, overrides: list[str] = (), plugin_args: list[str] = (),
+            load_data: bool = True, host: PluginHost | None = None) -> Session:
+    """Load plugins (unless ``host`` is given), the recipe (a file or a dict), models and data;
+    every problem is bad input."""
+    host = host or load_plugins(plugin_args)
+    loaded = check_recipe(source, overrides, host)
+    recipe = loaded.recipe
     from kdframe import checkpoint  # torch: a recipe with problems is refused without it
 
     task = host.registry.task_info(recipe.data)

@@ -171,6 +171,36 @@ def test_failed_cell_is_recorded_and_the_rest_complete_in_parallel(tmp_path, tmp
     assert "## Failed cells" in (out / "report.md").read_text()
 
 
+def test_bad_input_fails_its_cell_at_once_and_a_fixed_grid_reruns_it(tmp_path, tmp_path_factory):
+    """A cell whose data is missing fails before any cell starts, not when its turn comes; the rest
+    runs. Fixing that cell in the grid and resuming runs it with its new overrides; a done cell's
+    overrides cannot change under it."""
+    kd = f'recipe = "{RECIPES / "smoke" / "kd.toml"}"'
+    grid = write_grid(tmp_path / "grid.toml", {"kd": [kd], "typo": ["set = ['data.glue_dir=\"/nonexistent/glue\"']"]},
+                      seeds=[1])
+    out = tmp_path / "out"
+    env = cli_env(tmp_path_factory)
+    first = run_cli("ablate", str(grid), "--out", str(out), "--progress", "plain", env=env)
+    assert first.returncode == 1, first.stderr
+    lines = " ".join(first.stderr.split())
+    assert lines.index("mrpc/typo/seed1 failed: ") < lines.index("mrpc/kd/seed1 starting")
+    cells = {c["variant"]: c for c in state_of(out)["cells"]}
+    assert cells["kd"]["status"] == "done" and cells["typo"]["status"] == "failed"
+    assert "/nonexistent/glue/MRPC/train.tsv: file not found" in cells["typo"]["error"]
+
+    write_grid(grid, {"kd": [kd], "typo": []}, seeds=[1])
+    fixed = run_cli("ablate", str(grid), "--out", str(out), "--resume", "--progress", "plain", env=env)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "mrpc/typo/seed1 starting" in fixed.stderr and "mrpc/kd/seed1" not in fixed.stderr
+    assert {c["variant"]: c["status"] for c in state_of(out)["cells"]} == {"kd": "done", "typo": "done"}
+    assert json.loads((out / "cells/mrpc/typo/seed1/summary.json").read_text())["student"]["final"]
+
+    write_grid(grid, {"kd": [kd, "set = ['stages[0].lr=1e-4']"], "typo": []}, seeds=[1])
+    refused = run_cli("ablate", str(grid), "--out", str(out), "--resume", env=env)
+    assert refused.returncode == 2 and "changed the recipe or overrides of mrpc/kd/seed1, which are done" in \
+        " ".join(refused.stderr.split())
+
+
 def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('nam = "x"\n[axes]\ntasks = ["mrpc"]\nseeds = [1]\n[variants.emd]\nsett = ["a=1"]\n')
