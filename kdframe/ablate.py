@@ -155,14 +155,15 @@ def _outcome_line(cell: Cell) -> str:
     return "[yellow]interrupted[/yellow] (checkpointed)"
 
 
-def _teacher_to_cache(cell: Cell, host: PluginHost) -> Path | None:
+def _teacher_to_cache(cell: Cell, host: PluginHost, here: bool) -> Path | None:
     """The cached-teacher file this cell would fine-tune, if any. Raises KdframeError for the bad
     input its recipe shows before models load: what ``kdframe run`` checks first, and the data
-    files where it fine-tunes a teacher (the cache key reads them)."""
+    files where it fine-tunes a teacher (the cache key reads them); the device only ``here``, where
+    the cells run on this machine."""
     from kdframe.caches import teacher_path
     from kdframe.session import check_recipe
 
-    loaded = check_recipe(cell["recipe"], cell["overrides"], host)
+    loaded = check_recipe(cell["recipe"], cell["overrides"], host, here)
     recipe = loaded.recipe
     if recipe.teacher.train is None or not any(s.needs_teacher(host.registry) for s in loaded.stages):
         return None
@@ -239,7 +240,7 @@ class Ablation:
         eta = f", stage ends in ~{(total - step) / rate / 60:.0f} min" if rate else ""
         return f"{line}{info} ({rate:.2f} steps/s{eta})"
 
-    def plan(self, todo: list[Cell]) -> tuple[list[Cell], dict[int, Path | None]]:
+    def plan(self, todo: list[Cell], here: bool = True) -> tuple[list[Cell], dict[int, Path | None]]:
         """The cells that can run, and the cached-teacher file each would fine-tune. A cell whose
         recipe shows bad input is recorded as failed at once, so that a typo in one task's
         overrides shows in the first lines, not when that task's turn comes hours later; the rest
@@ -250,7 +251,7 @@ class Ablation:
         teachers: dict[int, Path | None] = {}
         for cell in todo:
             try:
-                teachers[id(cell)] = _teacher_to_cache(cell, host)
+                teachers[id(cell)] = _teacher_to_cache(cell, host, here)
             except KdframeError as exc:
                 self.finish(cell, {"status": "failed", "error": str(exc), "wall_time_s": None})
         return [c for c in todo if id(c) in teachers], teachers
@@ -274,7 +275,7 @@ class Ablation:
     def run_ray(self, ray: Any, grid: Grid, todo: list[Cell]) -> bool:
         from kdframe.ablate_ray import RayCells
 
-        todo, teachers = self.plan(todo)
+        todo, teachers = self.plan(todo, here=False)  # a worker has the devices, not the driver
         return self._drain(RayCells(ray, grid, str(self.state.root.resolve()), self.plugins, todo),
                            teachers_first(todo, teachers), teachers)
 

@@ -42,15 +42,16 @@ class Session:
         return recipe_toml(to_plain(self.recipe))
 
 
-def check_recipe(source: RecipeSource, overrides: list[str], host: PluginHost) -> LoadedRecipe:
+def check_recipe(source: RecipeSource, overrides: list[str], host: PluginHost, here: bool = True) -> LoadedRecipe:
     """The recipe with ``overrides`` applied, checked as far as it can be without loading models
-    or data (structure, plugins' checks, the device); its problems raise one RecipeError."""
+    or data (structure, plugins' checks, and with ``here`` the device: False where it will run on
+    another machine, a Ray worker's); its problems raise one RecipeError."""
     loaded = load_recipe(source, list(overrides), host.registry)
     recipe, problems = loaded.recipe, list(loaded.problems)
     problems += host.validate_recipe(recipe)
     needs_cuda = {"precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU": recipe.precision == "fp16",
                   "device: 'cuda' asked for, but no CUDA device is available": recipe.device == "cuda"}
-    if any(needs_cuda.values()) and not _cuda_available():
+    if here and any(needs_cuda.values()) and not _cuda_available():
         problems += [problem for problem, needed in needs_cuda.items() if needed]
     if problems:
         raise RecipeError(problems, source=recipe_origin(source))

@@ -201,6 +201,22 @@ def test_bad_input_fails_its_cell_at_once_and_a_fixed_grid_reruns_it(tmp_path, t
         " ".join(refused.stderr.split())
 
 
+def test_a_cell_asking_for_a_gpu_fails_at_once_here_but_not_for_a_cluster(tmp_path):
+    """Without CUDA on this machine a cell asking for fp16 is bad input for the local executor;
+    on Ray the driver has no say: a worker with a GPU may run it."""
+    from kdframe.ablate import Ablation, State
+    from kdframe.grid import grid_cells, load_grid
+
+    grid = write_grid(tmp_path / "grid.toml", {"fp16": ["set = ['precision=\"fp16\"']"]}, seeds=[1])
+    for here, runnable in ((True, 0), (False, 1)):
+        cells = grid_cells(load_grid(grid), tmp_path)
+        ablation = Ablation(State(tmp_path, "ablation.json", {"cells": cells}), "off", [], lambda text: None)
+        todo, _ = ablation.plan(cells, here=here)
+        assert len(todo) == runnable
+        assert cells[0]["status"] == ("failed" if not runnable else "pending")
+    assert "precision: 'fp16' needs a CUDA device" in json.loads((tmp_path / "ablation.json").read_text())["cells"][0]["error"]
+
+
 def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('nam = "x"\n[axes]\ntasks = ["mrpc"]\nseeds = [1]\n[variants.emd]\nsett = ["a=1"]\n')
