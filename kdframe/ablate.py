@@ -155,19 +155,24 @@ def _outcome_line(cell: Cell) -> str:
     return "[yellow]interrupted[/yellow] (checkpointed)"
 
 
-def _teacher_to_cache(cell: Cell, host: PluginHost, here: bool) -> Path | None:
+def _teacher_to_cache(cell: Cell, host: PluginHost, here: bool, fingerprints: dict[str, str | None]) -> Path | None:
     """The cached-teacher file this cell would fine-tune, if any. Raises KdframeError for the bad
     input its recipe shows before models load: what ``kdframe run`` checks first, and the data
     files where it fine-tunes a teacher (the cache key reads them); the device only ``here``, where
-    the cells run on this machine."""
+    the cells run on this machine. ``fingerprints`` keeps each data section's digest: a grid's many
+    cells read a few data sets, and a digest reads every byte of them."""
     from kdframe.caches import teacher_path
+    from kdframe.recipe import to_plain
     from kdframe.session import check_recipe
 
     loaded = check_recipe(cell["recipe"], cell["overrides"], host, here)
     recipe = loaded.recipe
     if recipe.teacher.train is None or not any(s.needs_teacher(host.registry) for s in loaded.stages):
         return None
-    return teacher_path(recipe, host.data_fingerprint(recipe.data))
+    data = json.dumps(to_plain(recipe.data), sort_keys=True)
+    if data not in fingerprints:
+        fingerprints[data] = host.data_fingerprint(recipe.data)
+    return teacher_path(recipe, fingerprints[data])
 
 
 def _init_worker(threads: int) -> None:
@@ -249,9 +254,10 @@ class Ablation:
 
         host = load_plugins(self.plugins)
         teachers: dict[int, Path | None] = {}
+        fingerprints: dict[str, str | None] = {}
         for cell in todo:
             try:
-                teachers[id(cell)] = _teacher_to_cache(cell, host, here)
+                teachers[id(cell)] = _teacher_to_cache(cell, host, here, fingerprints)
             except KdframeError as exc:
                 self.finish(cell, {"status": "failed", "error": str(exc), "wall_time_s": None})
         return [c for c in todo if id(c) in teachers], teachers

@@ -217,6 +217,23 @@ def test_a_cell_asking_for_a_gpu_fails_at_once_here_but_not_for_a_cluster(tmp_pa
     assert "precision: 'fp16' needs a CUDA device" in json.loads((tmp_path / "ablation.json").read_text())["cells"][0]["error"]
 
 
+def test_planning_digests_each_data_set_once(tmp_path, monkeypatch):
+    """The plan reads a grid's data once per data set, not once per cell (a digest reads every
+    byte), and every cell of it gets the same cached-teacher file."""
+    from kdframe.ablate import Ablation, State
+    from kdframe.grid import grid_cells, load_grid
+    from kdframe.plugins import PluginHost
+
+    digests = []
+    digest = PluginHost.data_fingerprint
+    monkeypatch.setattr(PluginHost, "data_fingerprint", lambda host, data: digests.append(data) or digest(host, data))
+    grid = write_grid(tmp_path / "grid.toml", {"a": [], "b": ["set = ['stages[0].lr=1e-4']"]}, seeds=[1, 2])
+    cells = grid_cells(load_grid(grid), tmp_path)
+    todo, teachers = Ablation(State(tmp_path, "ablation.json", {"cells": cells}), "off", [], lambda text: None).plan(cells)
+    assert len(todo) == 4 and len(digests) == 1
+    assert len(set(teachers.values())) == 1 and None not in teachers.values()
+
+
 def test_grid_schema_errors_name_their_paths(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('nam = "x"\n[axes]\ntasks = ["mrpc"]\nseeds = [1]\n[variants.emd]\nsett = ["a=1"]\n')
